@@ -1,0 +1,5 @@
+"""``python -m gammaguide`` (also what ``torchrun -m gammaguide`` runs)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""``analyze``: one traced forward pass -> a role and a decision for every parameter."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import GammaGuideError
+from .inputs import describe_inputs, eval_without_side_effects, prepare_inputs, unwrap
+from .norms import NormFinding, find_norms
+from .ops import base_name
+from .policy import Policy, resolve_policy
+from .report import Entry, ParamInfo, Report
+from .roles import PAPER_CATEGORY, Dataflow, strongest
+from .trace import Graph, trace
+
+
+@dataclass
+class Traced:
+    """A traced model with its normalizations found; reusable across policies."""
+
+    model: nn.Module  # as given (maybe wrapped)
+    inner: nn.Module  # what was traced
+    graph: Graph
+    finding: NormFinding
+    flow: Dataflow
+    input_shapes: tuple[str, ...]
+
+
+def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds: bool = False) -> Traced:
+    inner = unwrap(model)
+    args, kwargs = prepare_inputs(inner, example_inputs)
+    with eval_without_side_effects(inner):
+        try:
+            graph = trace(inner, args, kwargs, observe_adds=observe_adds)
+        except GammaGuideError:
+            raise
+        except Exception as exc:  # the user's forward pass: say what we ran it with
+            raise GammaGuideError(
+                f"the forward pass of {type(inner).__name__} failed with example inputs "
+                f"({', '.join(describe_inputs(args, kwargs)) or 'no inputs'}): {type(exc).__name__}: {exc}. Pass example_inputs with the shape, "
+                f"dtype and keywords the model's forward expects."
+            ) from exc
+    if not graph.outputs:
+        raise GammaGuideError(
+            f"the forward pass of {type(inner).__name__} returned no tensor (got nothing gammaguide can follow), so "
+            f"the dataflow to the output cannot be traced; analyze a module whose forward returns its outputs "
+            f"(for example wrap it: lambda-free nn.Module returning the logits)."
+        )
+    finding = find_norms(graph, inner)
+    flow = Dataflow(graph, finding)
+    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)))
+
+
+def _skip_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
+    """Parameters never decayed: ``skip_list`` entries and the model's ``no_weight_decay()``
+    (timm's convention). An entry matches a name exactly or as its dotted suffix."""
+    names = set(skip_list)
+    for m in {id(model): model, id(inner): inner}.values():
+        fn = getattr(m, "no_weight_decay", None)
+        if callable(fn):
+            try:
+                names.update(fn())
+            except Exception:  # a model's helper that needs arguments; not our business
+                pass
+    if not names:
+        return set()
+    ids = set()
+    for mod in (model, inner):
+        for name, p in mod.named_parameters(remove_duplicate=False):
+            if name in names or any(name.endswith("." + s) for s in names):
+                ids.add(id(p))
+    return ids
+
+
+def build_report(
+    traced: Traced,
+    policy: Policy,
+    skip_list: Iterable[str] = (),
+) -> Report:
+    model, inner, flow, finding, graph = traced.model, traced.inner, traced.flow, traced.finding, traced.graph
+    inner_params = dict(inner.named_parameters(remove_duplicate=False))
+    outer_name = {}
+    for name, p in model.named_parameters():
+        outer_name.setdefault(id(p), name)
+    module_outer = {}
+    for name, m in model.named_modules():
+        module_outer.setdefault(id(m), name)
+
+    # γ and β, by id of the parameter; with their module and norm type.
+    gamma_info: dict[int, tuple[str, str, str]] = {}  # id -> (inner γ name, module name, norm type)
+    beta_ids: set[int] = set()
+    for nm in finding.modules.values():
+        for g in nm.gammas:
+            gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(nm.module), nm.name), type(nm.module).__name__))
+        beta_ids.update(id(inner_params[b]) for b in nm.betas)
+    for node, (g, b) in finding.functional.items():
+        if g is not None and g in inner_params:
+            owner = g.rsplit(".", 1)[0] if "." in g else ""
+            owner_mod = inner.get_submodule(owner) if owner else inner
+            op = base_name(graph.ops[node]).removeprefix("native_").removeprefix("_")
+            gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(owner_mod), owner), f"functional {op}"))
+        if b is not None and b in inner_params:
+            beta_ids.add(id(inner_params[b]))
+
+    uses = flow.uses() if gamma_info else {}
+    skip = _skip_ids(model, inner, skip_list)
+
+    entries: list[Entry] = []
+    params: list[ParamInfo] = []
+    for name, p in model.named_parameters():
+        role = None
+        if id(p) in gamma_info:
+            inner_name, module_name, norm_type = gamma_info[id(p)]
+            outcomes: dict[str, str] = {}
+            for u in sorted(uses.get(inner_name, ())):
+                for r, why in flow.walk(u).items():
+                    outcomes.setdefault(r, why)
+            if inner_name in uses:
+                role, reason = strongest(outcomes)
+            else:
+                role, reason = "unused", "not reached by the traced forward pass"
+            kind = "gamma"
+        elif id(p) in beta_ids:
+            kind = "beta"
+        elif name.endswith("bias"):
+            kind = "bias"
+        elif p.ndim >= 2:
+            kind = "weight"
+        else:
+            kind = "other"
+        decay = policy.decides(kind, role) and id(p) not in skip
+        if kind == "gamma":
+            if id(p) in skip:
+                reason += " (in skip_list / no_weight_decay)"
+            entries.append(Entry(name, module_name, norm_type, role, PAPER_CATEGORY[role], decay, reason))
+        params.append(ParamInfo(name, kind, role, decay, tuple(p.shape), p.requires_grad))
+
+    return Report(
+        entries=tuple(entries),
+        params=tuple(params),
+        residual_adds=tuple(flow.residual_adds()),
+        warnings=tuple(finding.warnings),
+        policy=policy.name,
+        input_shapes=traced.input_shapes,
+    )
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any = None,
+    policy: str | Mapping[str, bool] | Policy = "guidelines",
+    *,
+    decay_bias: bool | None = None,
+    decay_beta: bool | None = None,
+    skip_list: Iterable[str] = (),
+    warn: bool = True,
+) -> Report:
+    """Trace one forward pass of ``model`` and give every normalization scale a role.
+
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword
+    inputs; image models get a default (1x3x224x224, or timm's ``pretrained_cfg``).
+    The model's train/eval flags and normalization buffers are left exactly as they were.
+    """
+    resolved = resolve_policy(policy, decay_bias=decay_bias, decay_beta=decay_beta)
+    report = build_report(trace_model(model, example_inputs), resolved, skip_list)
+    if warn:
+        for w in report.warnings:
+            warnings.warn(w, stacklevel=2)
+    return report
+
+
+@dataclass(frozen=True)
+class ResidualVariance:
+    """Analysis 1 of the paper on one batch: how much a residual branch adds to the stream."""
+
+    module_name: str
+    branch_var: float
+    skip_var: float
+
+    @property
+    def ratio(self) -> float:
+        return self.branch_var / self.skip_var if self.skip_var > 0 else float("nan")
+
+
+def residual_variances(model: nn.Module, example_inputs: Any = None) -> list[ResidualVariance]:
+    """Variance of the branch and skip inputs of every residual addition, in eval mode,
+    measured during one traced forward pass (before an in-place add overwrites them)."""
+    traced = trace_model(model, example_inputs, observe_adds=True)
+    out = []
+    for r in traced.flow.residual_adds():
+        variances = traced.graph.add_variances.get(r.node)
+        if variances is None:
+            continue
+        skip = variances[r.skip_arg]
+        branch = variances[1 - r.skip_arg]
+        out.append(ResidualVariance(r.module_name, branch, skip))
+    return out

@@ -1,0 +1,1 @@
+"""Training and ablation harness (the paper's experiment). Not imported by the core library."""

@@ -1,0 +1,63 @@
+"""What gammaguide needs to know about aten ops, by their base name."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+# Ops that normalize their input with its own statistics. A walk stops here.
+NORM_OPS = frozenset({
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional", "_batch_norm_with_update", "_batch_norm_with_update_functional",
+    "_batch_norm_no_update", "batch_norm", "cudnn_batch_norm", "miopen_batch_norm",
+    "native_layer_norm", "layer_norm", "native_group_norm", "group_norm",
+    "rms_norm", "_fused_rms_norm", "instance_norm",
+})
+
+# Reductions that compute a scale statistic; the evidence of a hand-written normalization.
+STAT_OPS = NORM_OPS | frozenset({
+    "var", "var_mean", "std", "std_mean", "rsqrt", "sqrt", "norm", "linalg_vector_norm",
+})
+
+# Ops whose output is a weighted transform of an activation when one operand is a parameter.
+MATMUL_OPS = frozenset({
+    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "mkldnn_convolution", "cudnn_convolution", "cudnn_convolution_transpose",
+    "addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation", "einsum",
+    "embedding", "_embedding_bag", "embedding_bag", "_scaled_mm",
+})
+
+# Ops that pass a tensor through without changing what it is (shape, dtype, layout, copies).
+# A parameter seen through them is still that parameter.
+VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand",
+    "unsqueeze", "squeeze", "flatten", "unflatten", "select", "slice", "alias", "detach", "as_strided",
+    "contiguous", "clone", "_to_copy", "to", "_to_dtype", "lift_fresh", "lift_fresh_copy", "view_as",
+    "expand_as", "split", "split_with_sizes", "chunk", "unbind", "movedim", "_conj", "_neg_view",
+    "numpy_T", "mT", "type_as", "repeat",
+})
+
+# Ops that scale a tensor elementwise by another.
+MUL_OPS = frozenset({"mul", "mul_", "addcmul", "addcmul_"})
+
+# Residual additions are spelled with these (``+``, ``+=``, ``torch.add``, ``add_``).
+ADD_OPS = frozenset({"add", "add_"})
+
+
+@lru_cache(maxsize=None)
+def base_name(op) -> str:
+    """``aten.add_.Tensor`` -> ``add_``; leaves (plain strings) map to themselves."""
+    if isinstance(op, str):
+        return op
+    try:
+        return op.overloadpacket.__name__
+    except AttributeError:  # higher-order ops and the like
+        return str(op)
+
+# Ops whose output does not depend on their inputs' values (only on shape, dtype or device).
+# Their input edges are dropped so that, say, ``x.new_ones(...)`` does not look derived from ``x``.
+SHAPE_ONLY_OPS = frozenset({
+    "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like",
+    "ones_like", "full_like", "rand_like", "randn_like", "randint_like", "sym_size", "sym_numel",
+    "sym_stride", "sym_storage_offset", "_shape_as_tensor", "size", "stride", "numel", "dim",
+    "_local_scalar_dense", "is_nonzero", "equal",
+})
