@@ -13,11 +13,12 @@ from .norms import register_norm_class
 from .policy import POLICIES, Policy
 from .report import Entry, ParamInfo, Report
 from .roles import PAPER_CATEGORY, ROLES
+from .verify import Check, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "param_groups", "register_norm_class",
+    "analyze", "param_groups", "verify", "register_norm_class", "Check",
     "Report", "Entry", "ParamInfo", "Policy", "GammaGuideError",
     "ROLES", "POLICIES", "PAPER_CATEGORY", "__version__",
 ]

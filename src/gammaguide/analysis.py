@@ -31,7 +31,7 @@ class Traced:
     input_shapes: tuple[str, ...]
 
 
-def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds: bool = False) -> Traced:
+def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
     inner = unwrap(model)
     args, kwargs = prepare_inputs(inner, example_inputs)
     with eval_without_side_effects(inner):
@@ -190,13 +190,19 @@ class ResidualVariance:
 def residual_variances(model: nn.Module, example_inputs: Any = None) -> list[ResidualVariance]:
     """Variance of the branch and skip inputs of every residual addition, in eval mode,
     measured during one traced forward pass (before an in-place add overwrites them)."""
-    traced = trace_model(model, example_inputs, observe_adds=True)
+    traced = trace_model(model, example_inputs, observe_adds=_variance)
     out = []
     for r in traced.flow.residual_adds():
-        variances = traced.graph.add_variances.get(r.node)
+        variances = traced.graph.add_observations.get(r.node)
         if variances is None:
             continue
         skip = variances[r.skip_arg]
         branch = variances[1 - r.skip_arg]
         out.append(ResidualVariance(r.module_name, branch, skip))
     return out
+
+
+def _variance(t: Any) -> float:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2:
+        return float("nan")
+    return float(t.detach().float().var())

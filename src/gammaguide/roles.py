@@ -225,11 +225,12 @@ class Dataflow:
                     uses.setdefault(p, set()).add(rep[i])
         return uses
 
-    def walk(self, u: int) -> dict[str, str]:
-        """Outcomes of every walk forward from node ``u``: role -> evidence for it."""
-        found: dict[str, str] = {}
-        met_norms: list[str] = []
-        seen: set[tuple[int, int, int]] = set()
+    def events(self, u: int) -> list[tuple[str, int, int]]:
+        """Where the walks forward from node ``u`` end: (role, node, via) triples, where node is
+        the normalization, residual add or output reached and ``via`` the first weighted op on
+        the way (-1 if none)."""
+        out: list[tuple[str, int, int]] = []
+        seen: set[tuple[int, int, bool]] = set()
         stack = [(s, pos, -1) for s, pos in self.succ[u]]
         while stack:
             n, pos, via = stack.pop()
@@ -238,35 +239,50 @@ class Dataflow:
                 continue
             seen.add(state)
             if n in self.norm_name:
-                if len(met_norms) < 2 and self.norm_name[n] not in met_norms:
-                    met_norms.append(self.norm_name[n])
+                out.append(("scale_invariant", n, via))
                 continue
             r = self.residual(n)
             if r is not None:
                 skip, fork = r[0], r[1]
-                where = self._context(n)
                 if pos != skip:
-                    found.setdefault("residual_last", f"reaches the residual add in {where} on the branch side")
-                elif fork != u and self.is_ancestor(fork, u):
-                    found.setdefault("shortcut", f"lies inside the skip path of the residual add in {where}")
-                elif via >= 0:
-                    found.setdefault(
-                        "shortcut",
-                        f"reaches the skip side of the residual add in {where} through {self._context(via)}",
-                    )
+                    out.append(("residual_last", n, via))
+                elif (fork != u and self.is_ancestor(fork, u)) or via >= 0:
+                    out.append(("shortcut", n, via))
                 else:
-                    found.setdefault("stream", f"its output is the skip (identity) input of the residual add in {where}")
+                    out.append(("stream", n, via))
                 continue
             if via < 0 and self.weighted[n]:
                 via = n
             if n in self.outputs:
-                through = f" through {self._context(via)}" if via >= 0 else ""
-                found.setdefault("head", f"reaches the model output{through} with no normalization in between")
+                out.append(("head", n, via))
             stack.extend((s, p, via) for s, p in self.succ[n])
-        if met_norms and not found:
-            found["scale_invariant"] = "every path meets another normalization first (" + ", ".join(met_norms) + ")"
-        elif met_norms:
-            found["scale_invariant"] = "some paths meet another normalization first (" + ", ".join(met_norms) + ")"
+        return out
+
+    def walk(self, u: int) -> dict[str, str]:
+        """Outcomes of every walk forward from node ``u``: role -> evidence for it."""
+        found: dict[str, str] = {}
+        met_norms: list[str] = []
+        events = self.events(u)
+        for role, n, via in events:
+            where = self._context(n)
+            if role == "scale_invariant":
+                if len(met_norms) < 2 and self.norm_name[n] not in met_norms:
+                    met_norms.append(self.norm_name[n])
+            elif role == "residual_last":
+                found.setdefault(role, f"reaches the residual add in {where} on the branch side")
+            elif role == "shortcut" and via < 0:
+                found.setdefault(role, f"lies inside the skip path of the residual add in {where}")
+            elif role == "shortcut":
+                found.setdefault(role, f"reaches the skip side of the residual add in {where} through "
+                                       f"{self._context(via)}")
+            elif role == "stream":
+                found.setdefault(role, f"its output is the skip (identity) input of the residual add in {where}")
+            elif role == "head":
+                through = f" through {self._context(via)}" if via >= 0 else ""
+                found.setdefault(role, f"reaches the model output{through} with no normalization in between")
+        if met_norms:
+            every = "every" if not found else "some"
+            found["scale_invariant"] = f"{every} path meets another normalization first ({', '.join(met_norms)})"
         return found
 
 

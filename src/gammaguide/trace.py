@@ -47,8 +47,9 @@ class Graph:
     param_nodes: dict[str, int] = field(default_factory=dict)  # parameter name -> leaf node
     calls: list[Call] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
-    # For observed adds (see ``trace(observe_adds=True)``): node -> (var(arg0), var(arg1)).
-    add_variances: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # For observed adds (see ``trace(observe_adds=...)``): node -> (f(arg0), f(arg1)).
+    add_observations: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    output_tensors: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -81,7 +82,7 @@ def _iter_tensors(obj: Any, _depth: int = 0):
 class _Recorder(TorchDispatchMode):
     """Appends one node per aten op to ``graph``; kept lean because it runs per op."""
 
-    def __init__(self, graph: Graph, known: dict[int, tuple[str, str]], observe_adds: bool):
+    def __init__(self, graph: Graph, known: dict[int, tuple[str, str]], observe_adds: Callable | None):
         super().__init__()
         self.g = graph
         self.known = known  # id(tensor) -> (leaf kind, name) for params, buffers, inputs
@@ -145,9 +146,9 @@ class _Recorder(TorchDispatchMode):
                             ins.append(node_of(b))
         g = self.g
         n = len(g.ops)
-        if self.observe_adds and func in _ADD_OPS and len(ins) == 2:
+        if self.observe_adds is not None and func in _ADD_OPS and len(ins) == 2:
             # Measured before the op runs: an in-place add overwrites its first argument.
-            g.add_variances[n] = (_variance(args[0]), _variance(args[1]))
+            g.add_observations[n] = (self.observe_adds(args[0]), self.observe_adds(args[1]))
 
         out = func(*args, **kwargs) if kwargs else func(*args)
 
@@ -194,24 +195,18 @@ class _Recorder(TorchDispatchMode):
             self.cur_call = call.parent
 
 
-def _variance(t: torch.Tensor) -> float:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2:
-        return float("nan")
-    return float(t.detach().float().var())
-
-
 def trace(
     model: torch.nn.Module,
     args: tuple,
     kwargs: dict,
     *,
-    observe_adds: bool = False,
-    before_forward: Callable[[], None] | None = None,
+    observe_adds: Callable[[torch.Tensor], Any] | None = None,
 ) -> Graph:
     """Run ``model(*args, **kwargs)`` once and return its dataflow graph.
 
-    The caller decides the model's mode and grad state; exceptions from the
-    forward pass propagate unchanged.
+    ``observe_adds(tensor)`` is applied to both tensor arguments of every add before it runs.
+    The caller decides the model's mode and grad state; exceptions from the forward pass
+    propagate unchanged.
     """
     graph = Graph()
     known: dict[int, tuple[str, str]] = {}
@@ -231,10 +226,9 @@ def trace(
     post = _module_hooks.register_module_forward_hook(rec.leave, always_call=True)
     try:
         with rec:
-            if before_forward is not None:
-                before_forward()
             out = model(*args, **kwargs)
-            graph.outputs = [rec.node_of(t) for t in _iter_tensors(out)]
+            graph.output_tensors = list(_iter_tensors(out))
+            graph.outputs = [rec.node_of(t) for t in graph.output_tensors]
     finally:
         pre.remove()
         post.remove()
