@@ -1,5 +1,240 @@
-"""Subcommands of the experiments: train, ablate, report."""
+"""Subcommands of the experiments: train, ablate, report.
+
+Only argument definitions live at import time; torchvision, tqdm and matplotlib are imported
+when a command runs, so ``gammaguide inspect`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from ..errors import GammaGuideError
+
+_TRAIN_EXAMPLES = """\
+examples:
+  gammaguide train --data imagefolder:../shared/data/cifar10-jpeg --subset 5000 --epochs 5 --out runs/demo
+  GAMMAGUIDE_DATA=../shared/data/cifar10-jpeg gammaguide train --data imagefolder --policy all --out runs/demo
+  torchrun --nproc_per_node=2 -m gammaguide train --data imagefolder --sync-bn --out runs/ddp
+"""
+
+_ABLATE_EXAMPLES = """\
+examples:
+  gammaguide ablate --protocol smoke --data imagefolder:../shared/data/cifar10-jpeg --out runs/smoke
+  gammaguide ablate --protocol cpu --data imagefolder --out results/cifar10-resnet20-cpu
+  gammaguide ablate --protocol gpu --data imagefolder --jobs 16 --epochs auto --time-budget 480 --out runs/gpu
+  gammaguide ablate --protocol cpu --data imagefolder --shard 0/4 --out runs/grid   # one of 4 machines
+"""
+
+
+def _data_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--data", required=required, metavar="SPEC",
+                   help="cifar10, cifar100 (torchvision; downloaded when online), or imagefolder:PATH (a folder "
+                        "with train/ and test/ class folders; PATH may be left out when $GAMMAGUIDE_DATA points "
+                        "to it)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where cifar10/cifar100 live, or the base of a relative imagefolder PATH "
+                        "(default: $GAMMAGUIDE_DATA)")
+
+
+def _run_options(p: argparse.ArgumentParser, *, defaults_from_protocol: bool) -> None:
+    """Options shared by train and ablate. For ablate they default to the protocol's values
+    (None here means: take the protocol's)."""
+    d = (lambda v: None) if defaults_from_protocol else (lambda v: v)
+    p.add_argument("--model", default=d("resnet20"), help="a built-in model (default resnet20; ablate: protocol's)")
+    p.add_argument("--depth", type=int, metavar="N", help="CIFAR ResNet depth 6n+2 (20, 56, 110): sets --model resnetN")
+    p.add_argument("--epochs", default=d("15"), metavar="E",
+                   help="epochs (ablate: an integer, or 'auto' with --time-budget)")
+    p.add_argument("--subset", type=int, metavar="N", help="a fixed, class-balanced subset of N training images")
+    p.add_argument("--test-subset", type=int, metavar="N", help="a fixed, class-balanced subset of N test images")
+    p.add_argument("--batch-size", type=int, default=d(128))
+    p.add_argument("--lr", type=float, default=d(0.1), help="peak learning rate (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=d(5e-4), help="L2 strength for what the policy decays")
+    p.add_argument("--momentum", type=float, default=d(0.9))
+    p.add_argument("--nesterov", action="store_true", default=None)
+    p.add_argument("--schedule", choices=("cosine", "onecycle"), default=d("cosine"))
+    p.add_argument("--warmup-epochs", type=float, default=d(0.0), help="linear warm-up (cosine schedule)")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--out", required=True, metavar="DIR", help="results go to DIR/results.jsonl")
 
 
 def register(sub) -> None:
     """Add this package's subcommands to the ``gammaguide`` parser."""
+    p = sub.add_parser("train", help="train one model with one policy; appends a line to OUT/results.jsonl",
+                       description="Train a built-in model on a dataset with the parameter groups of one policy, "
+                                   "and append the run (settings, per-epoch history, mechanisms) to "
+                                   "OUT/results.jsonl.",
+                       epilog=_TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_options(p, required=True)
+    p.add_argument("--policy", default="guidelines", help="guidelines, all, no_norm, no_gamma or only:<role>")
+    p.add_argument("--seed", type=int, default=0, help="fixes the initial weights and the batches (default 0)")
+    _run_options(p, defaults_from_protocol=False)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("ablate", help="train a grid of arms x seeds (the paper's ablation), resumably",
+                       description="Run every arm (policy) with every seed into OUT/results.jsonl. A rerun skips "
+                                   "finished runs; --shard i/n splits the grid between machines.",
+                       epilog=_ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", default="smoke", help="smoke, cpu or gpu: the defaults of the grid (default smoke)")
+    _data_options(p, required=True)
+    p.add_argument("--arms", help="comma-separated policies (default: the 8 arms of the ablation)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
+    p.add_argument("--shard", metavar="i/n", help="run only every n-th run of the grid, starting at the i-th")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="with --epochs auto: the grid's wall time")
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again instead of skipping them")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints of runs in flight "
+                   "(default OUT/checkpoints; each is deleted when its run is finished)")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT/report.md when the grid is complete")
+    _run_options(p, defaults_from_protocol=True)
+    p.set_defaults(func=run_ablate)
+
+    p = sub.add_parser("report", help="markdown table and plots from results files",
+                       description="Summarise results files: mean ± sd accuracy per arm, paired differences to "
+                                   "no_gamma and all, and plots of accuracy, |γ| per role, effective learning "
+                                   "rate and residual variance ratios.")
+    p.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/report.md and DIR/*.png")
+    p.add_argument("--title", help="the report's heading")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=run_report)
+
+
+# ----------------------------------------------------------------------------- config from arguments
+
+
+def _int_epochs(text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise GammaGuideError(f"bad --epochs {text!r}: give a positive integer" +
+                              (" (or 'auto' with --time-budget, for ablate)" if text == "auto" else ""))
+    return value
+
+
+def _config_from(args, base):
+    """``base`` (a TrainConfig) with every option the user gave."""
+    from .train import TrainConfig
+
+    changes = {}
+    names = {f.name for f in fields(TrainConfig)}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and name not in ("epochs", "policy", "seed"):
+            changes[name] = value
+    if args.depth is not None:
+        changes["model"] = f"resnet{args.depth}"
+    if args.data:
+        changes["data"] = args.data
+    cfg = replace(base, **changes)
+    from ..models import MODELS
+
+    if cfg.model not in MODELS:
+        raise GammaGuideError(f"unknown --model {cfg.model!r}" + (" (--depth must be 6n+2: 20, 32, 44, 56, 110)"
+                              if args.depth is not None else "") + f"; built-in models: {', '.join(sorted(MODELS))}")
+    return cfg
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_train(args) -> int:
+    from .data import load_dataset
+    from .distributed import barrier, init_distributed, shutdown
+    from .results import RESULTS_NAME, append_line
+    from .train import TrainConfig, Trainer
+
+    cfg = _config_from(args, TrainConfig())
+    cfg = replace(cfg, epochs=_int_epochs(args.epochs), policy=args.policy, seed=args.seed)
+    cfg.check()
+    ctx = init_distributed(args.device)
+    try:
+        if ctx.is_main:
+            data = load_dataset(cfg.data, args.data_dir, progress=not args.no_progress)
+        barrier(ctx)
+        if not ctx.is_main:
+            data = load_dataset(cfg.data, args.data_dir, progress=False)
+        out = Path(args.out)
+        trainer = Trainer(cfg, data, ctx, checkpoint=out / "checkpoints" / f"{cfg.key()}.pt",
+                          progress=not args.no_progress, log=_log)
+        record = trainer.run()
+        if ctx.is_main:
+            append_line(out / RESULTS_NAME, record.to_json())
+            trainer.discard_checkpoint()
+            if record.status == "ok":
+                _log(f"test accuracy {record.test_acc:.4f}; appended to {out / RESULTS_NAME}")
+            else:
+                _log(f"run failed: {record.reason}; recorded in {out / RESULTS_NAME}")
+        return 0 if record.status == "ok" else 1
+    finally:
+        shutdown(ctx)
+
+
+
+def run_ablate(args) -> int:
+    from . import ablate
+    from .distributed import init_distributed, shutdown
+
+    if args.protocol not in ablate.PROTOCOLS:
+        raise GammaGuideError(f"unknown --protocol {args.protocol!r}; use {', '.join(ablate.PROTOCOLS)}")
+    protocol = ablate.PROTOCOLS[args.protocol]
+    arms = ablate.parse_arms(args.arms)
+    seeds = ablate.parse_seeds(args.seeds, protocol.seeds)
+    shard = ablate.parse_shard(args.shard)
+    if args.jobs < 1:
+        raise GammaGuideError(f"--jobs must be at least 1, got {args.jobs}")
+    base = _config_from(args, protocol.config)
+    auto = args.epochs == "auto"
+    if auto and not args.time_budget:
+        raise GammaGuideError("--epochs auto needs --time-budget SECONDS (the wall time the grid may take)")
+    if args.epochs is not None and not auto:
+        base = replace(base, epochs=_int_epochs(args.epochs))
+    base.check()
+    ctx = init_distributed(args.device)
+    try:
+        if ctx.distributed and args.jobs > 1:
+            raise GammaGuideError("--jobs runs worker processes of its own; under torchrun use --jobs 1")
+        if auto:
+            runs = len(ablate.grid(base, arms, seeds)[shard[0]::shard[1]])
+            base = replace(base, epochs=ablate.auto_epochs(base, runs, args.jobs, args.time_budget,
+                                                           data_dir=args.data_dir, device=args.device, log=_log))
+        configs = ablate.grid(base, arms, seeds)
+        _log(f"protocol {protocol.name}: {len(arms)} arms x {len(seeds)} seeds, {base.model} on {base.data}, "
+             f"{base.epochs} epochs, weight decay {base.weight_decay}")
+        ablate.run_grid(configs, args.out, data_dir=args.data_dir, device=args.device, shard=shard,
+                        jobs=args.jobs, retry_failed=args.retry_failed, ctx=ctx, checkpoints=args.checkpoint_dir,
+                        log=_log)
+        if ctx.is_main and not args.no_report and shard == (0, 1):
+            _report_if_complete(configs, Path(args.out))
+        return 0
+    finally:
+        shutdown(ctx)
+
+
+def _report_if_complete(configs, out: Path) -> None:
+    from .report import write_report
+    from .results import RESULTS_NAME, finished_keys
+
+    done = finished_keys(out / RESULTS_NAME)
+    if all(c.key() in done for c in configs):
+        try:
+            path = write_report(out / RESULTS_NAME, out)
+        except GammaGuideError as exc:
+            _log(f"no report: {exc}")
+            return
+        _log(f"report: {path}")
+
+
+def run_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.results, args.out, plots=not args.no_plots, title=args.title)
+    print(path)
+    return 0

@@ -1,0 +1,262 @@
+"""The ablation: a grid of arms x seeds, each a training run, resumable and shardable.
+
+Every finished run is appended at once to ``OUT/results.jsonl``; a rerun of the same command
+skips the runs already there, and a run killed mid-way resumes from its last epoch's
+checkpoint in ``OUT/checkpoints/``. ``shard=(i, n)`` takes every n-th run of the grid, starting
+at the i-th, so n machines (or a cluster job array) can share one grid; their results files
+merge by concatenation. ``jobs > 1`` runs that many runs at once in worker processes (one GPU
+is far larger than one small ResNet needs).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import GammaGuideError
+from ..policy import resolve_policy
+from .data import load_dataset
+from .distributed import DistContext, barrier
+from .results import RESULTS_NAME, append_line, finished_keys
+from .train import RunRecord, TrainConfig, Trainer
+
+ARMS = ("no_gamma", "only:residual_last", "only:scale_invariant", "only:shortcut", "only:stream",
+        "guidelines", "all", "no_norm")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Defaults of an ablation; every field can be overridden on the command line."""
+
+    name: str
+    config: TrainConfig
+    seeds: tuple[int, ...]
+    about: str
+
+
+PROTOCOLS = {
+    "smoke": Protocol("smoke", TrainConfig(model="resnet20", epochs=1, subset=320, test_subset=200, batch_size=64,
+                                           variance_batch=32), (0,),
+                      "a few hundred images, one epoch: checks that everything runs (tests use it)"),
+    # Chosen by the pilot in results/cifar10-resnet20-cpu/README.md.
+    "cpu": Protocol("cpu", TrainConfig(model="resnet20", epochs=15, subset=10_000, weight_decay=5e-3,
+                                       schedule="onecycle"), (0, 1, 2),
+                    "8 arms x 3 paired seeds in about 2 hours on 2 CPU cores"),
+    "gpu": Protocol("gpu", TrainConfig(model="resnet56", epochs=30, weight_decay=5e-4, schedule="cosine"), (0, 1),
+                    "the paper's scale: full training set, deep ResNets; several runs at once on one GPU"),
+}
+
+
+def parse_arms(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ARMS
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    for a in arms:
+        resolve_policy(a)
+    if len(set(arms)) != len(arms):
+        raise GammaGuideError(f"--arms lists an arm twice: {text}")
+    return arms
+
+
+def parse_seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if not text:
+        return default
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds or any(s < 0 for s in seeds):
+        raise GammaGuideError(f"bad --seeds {text!r}: give non-negative integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if n < 1 or not 0 <= i < n:
+        raise GammaGuideError(f"bad --shard {text!r}: write i/n with 0 <= i < n, e.g. 0/4 for the first of 4")
+    return i, n
+
+
+def grid(base: TrainConfig, arms: tuple[str, ...], seeds: tuple[int, ...]) -> list[TrainConfig]:
+    """Seed-major order: every arm of seed 0 comes before seed 1, so a grid cut short still
+    holds complete pairs."""
+    return [replace(base, policy=arm, seed=seed) for seed in seeds for arm in arms]
+
+
+def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: str | None = None,
+             device: str = "auto", shard: tuple[int, int] = (0, 1), jobs: int = 1, retry_failed: bool = False,
+             progress: bool = True, ctx: DistContext | None = None, checkpoints: str | os.PathLike | None = None,
+             log: Callable[[str], None] = print) -> list[TrainConfig]:
+    """Run the configs of this shard that are not finished yet; returns those it ran.
+
+    Under torchrun (``ctx`` distributed) every rank walks the same list and each run is one
+    DistributedDataParallel run; rank 0 alone writes."""
+    from .distributed import pick_device
+
+    out = Path(out)
+    results = out / RESULTS_NAME
+    ckpt = Path(checkpoints) if checkpoints else out / "checkpoints"
+    ctx = ctx or DistContext(0, 1, 0, pick_device(device))
+    mine = configs[shard[0]::shard[1]]
+    done = finished_keys(results, retry_failed=retry_failed)
+    barrier(ctx)  # every rank has read the file before rank 0 appends to it
+    todo = [c for c in mine if c.key() not in done]
+    if ctx.is_main:
+        log(f"{len(mine)} runs in this shard, {len(mine) - len(todo)} already in {results}, {len(todo)} to run")
+    if not todo:
+        return []
+    # Decode (or read the cache) once here, so that workers and other ranks only read the cache.
+    if ctx.is_main:
+        load_dataset(todo[0].data, data_dir, progress=progress)
+    barrier(ctx)
+    if jobs <= 1:
+        for i, cfg in enumerate(todo):
+            if ctx.is_main:
+                log(f"run {i + 1}/{len(todo)}: {cfg.policy} seed {cfg.seed}")
+            _run_one(cfg, out, ckpt, data_dir, ctx, progress, log)
+        return todo
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for cfg in todo:
+        queue.put(cfg)
+    workers = [ctx.Process(target=_worker, args=(queue, str(out), str(ckpt), data_dir, device, jobs), daemon=False)
+               for _ in range(min(jobs, len(todo)))]
+    for w in workers:
+        queue.put(None)
+        w.start()
+    for w in workers:
+        w.join()
+    bad = [w.exitcode for w in workers if w.exitcode]
+    if bad:
+        raise GammaGuideError(f"{len(bad)} worker process(es) failed (exit codes {bad}); finished runs are in "
+                              f"{results}; rerun the same command to do the rest")
+    return todo
+
+
+
+def _run_one(cfg: TrainConfig, out: Path, checkpoints: Path, data_dir: str | None, ctx: DistContext,
+             progress: bool, log: Callable[[str], None]) -> None:
+    data = load_dataset(cfg.data, data_dir, progress=False)
+    try:
+        trainer = Trainer(cfg, data, ctx, checkpoint=checkpoints / f"{cfg.key()}.pt", progress=progress,
+                          log=log)
+        record = trainer.run()
+    except GammaGuideError:
+        raise  # a bad setting fails every run alike: stop the grid and say so
+    except Exception as exc:  # this run broke; record why and go on with the grid
+        if ctx.distributed:
+            raise  # the other ranks cannot go on alone
+        record = failed_record(cfg, f"{type(exc).__name__}: {exc}")
+        append_line(out / RESULTS_NAME, record.to_json())
+        log(f"  -> {cfg.policy} seed {cfg.seed}: failed ({record.reason})")
+        return
+    if not ctx.is_main:
+        return
+    append_line(out / RESULTS_NAME, record.to_json())
+    trainer.discard_checkpoint()
+    log(f"  -> {record.arm} seed {record.seed}: {record.status}"
+        + (f", test accuracy {record.test_acc:.4f}" if record.test_acc is not None else f" ({record.reason})"))
+
+
+def failed_record(cfg: TrainConfig, reason: str) -> RunRecord:
+    return RunRecord(key=cfg.key(), arm=cfg.policy, seed=cfg.seed, status="failed", reason=reason, test_acc=None,
+                     model=cfg.model, data=cfg.data, epochs=cfg.epochs, settings=cfg.settings())
+
+
+def _worker(queue, out: str, checkpoints: str, data_dir: str | None, device: str, jobs: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    pid = os.getpid()
+
+    def log(msg: str) -> None:
+        print(f"[worker {pid}] {msg}", flush=True)
+
+    from .distributed import pick_device
+
+    ctx = DistContext(0, 1, 0, pick_device(device))
+    while True:
+        cfg = queue.get()
+        if cfg is None:
+            return
+        _run_one(cfg, Path(out), Path(checkpoints), data_dir, ctx, False, log)
+
+
+# ----------------------------------------------------------------------------- sizing to a budget
+
+
+def auto_epochs(base: TrainConfig, runs: int, jobs: int, budget_s: float, *, data_dir: str | None = None,
+                device: str = "auto", probe_s: float = 20.0, floor: int = 1,
+                log: Callable[[str], None] = print) -> int:
+    """Epochs that let ``runs`` runs, ``jobs`` at a time, finish within ``budget_s`` seconds.
+
+    Measures the aggregate training throughput with ``jobs`` processes training at once (what
+    the grid will really do), then leaves 15% for evaluation, measurements and start-up.
+    """
+    data = load_dataset(base.data, data_dir, progress=False).subset(base.subset, base.test_subset, base.subset_seed)
+    n_train, n_test = len(data.train_y), len(data.test_y)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    start_line = ctx.Barrier(jobs)
+    procs = [ctx.Process(target=_probe, args=(base, data_dir, device, jobs, probe_s, start_line, results))
+             for _ in range(jobs)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    rates = _collect(results, procs)
+    total = sum(rates)
+    waves = math.ceil(runs / jobs)
+    per_epoch = (n_train + n_test / 3) / (total / jobs)  # seconds, for one run while `jobs` share the device
+    left = budget_s - (time.perf_counter() - start)
+    epochs = max(floor, int(0.85 * left / (waves * per_epoch)))
+    log(f"probe: {jobs} processes train {total:.0f} img/s together ({total / jobs:.0f} each); one epoch "
+        f"{per_epoch:.1f} s; {runs} runs in {waves} wave(s) -> {epochs} epochs fit in {left:.0f} s")
+    return epochs
+
+
+def _collect(results, procs) -> list[float]:
+    """One number from each probe process; a probe that dies is an error, not a hang."""
+    import queue as queue_module
+
+    rates: list[float] = []
+    while len(rates) < len(procs):
+        try:
+            rates.append(results.get(timeout=5))
+        except queue_module.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise GammaGuideError(f"the throughput probe failed in {len(dead)} process(es) (exit codes {dead}); "
+                                      f"see the error above, or give --epochs N instead of auto") from None
+    for p in procs:
+        p.join()
+    return rates
+
+
+def _probe(base: TrainConfig, data_dir, device, jobs, seconds, start_line, results) -> None:
+    from .distributed import pick_device
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    data = load_dataset(base.data, data_dir, progress=False)
+    trainer = Trainer(replace(base, epochs=1000), data, DistContext(0, 1, 0, pick_device(device)), progress=False)
+    # Short slices of an epoch, so the measuring window can end on time.
+    trainer.steps_per_epoch = chunk = min(20, trainer.steps_per_epoch)
+    trainer.train_epoch(0)  # warm-up: cuDNN autotuning, allocator
+    start_line.wait()  # measure only while all jobs train at once
+    images, epoch, start = 0, 1, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        trainer.train_epoch(epoch)
+        images += chunk * base.batch_size
+        epoch += 1
+    results.put(images / (time.perf_counter() - start))

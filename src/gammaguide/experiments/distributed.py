@@ -1,0 +1,78 @@
+"""Multi-process training on PyTorch's own engine: ``torchrun`` sets the environment, we read it.
+
+Under ``torchrun --nproc_per_node=N -m gammaguide train ...`` every process sees ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; we join the default process group (NCCL on CUDA, gloo on the
+CPU), and only rank 0 logs, shows progress and writes results.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import GammaGuideError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GammaGuideError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu":
+        raise GammaGuideError(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group when launched by torchrun; a plain single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cpu":
+            # Processes share the machine's cores; oversubscribing them slows every rank down.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return DistContext(rank, world, local, dev)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor of counters over all ranks (a no-op for one process)."""
+    if ctx.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,163 @@
+"""PNG plots of an ablation (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import GammaGuideError
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise GammaGuideError("plots need matplotlib; run: pip install 'gammaguide[experiments]', "
+                              "or pass --no-plots") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(exp, arm: str, get: Callable[[dict[str, Any]], float | None]) -> tuple[list[int], list[float]]:
+    """Epoch -> mean over the arm's ok runs of ``get(history row)``."""
+    by_epoch: dict[int, list[float]] = {}
+    for r in exp.runs:
+        if r.get("arm") != arm or r.get("status") != "ok":
+            continue
+        for row in r.get("history") or []:
+            v = get(row)
+            if v is not None and math.isfinite(v):
+                by_epoch.setdefault(row["epoch"], []).append(v)
+    epochs = sorted(by_epoch)
+    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
+
+
+def _colors(plt, n: int):
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def plot_experiment(exp, out: Path, suffix: str = "") -> list[tuple[str, str]]:
+    """Write the plots of one experiment; returns (file name, caption) pairs."""
+    plt = _plt()
+    written = []
+    arms = [a for a in exp.arms if a.accs]
+    colors = dict(zip([a.arm for a in exp.arms], _colors(plt, len(exp.arms))))
+
+    # 1. accuracy per arm with error bars, and paired differences to no_gamma
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax = axes[0]
+    for i, a in enumerate(arms):
+        ax.errorbar(i, 100 * a.mean, yerr=100 * (a.std or 0), fmt="o", color=colors[a.arm], capsize=4)
+        ax.scatter([i] * len(a.accs), [100 * v for v in a.accs.values()], s=10, color="gray", zorder=3)
+    ax.set_xticks(range(len(arms)), [a.arm for a in arms], rotation=35, ha="right")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("accuracy per arm (mean ± sd; dots: seeds)")
+    ax = axes[1]
+    paired = [a for a in arms if "no_gamma" in a.paired and a.arm != "no_gamma"]
+    for i, a in enumerate(paired):
+        m, se, _ = a.paired["no_gamma"]
+        ax.errorbar(i, 100 * m, yerr=100 * (se or 0), fmt="o", color=colors[a.arm], capsize=4)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(paired)), [a.arm for a in paired], rotation=35, ha="right")
+    ax.set_ylabel("accuracy − no_gamma, same seed (points)")
+    ax.set_title("paired difference to no_gamma (mean ± se)")
+    fig.suptitle(exp.label)
+    fig.tight_layout()
+    name = f"accuracy{suffix}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    written.append((name, "accuracy per arm"))
+
+    # 2. |γ| per role over epochs, one panel per role, a line per arm
+    roles = [r for r in ("residual_last", "scale_invariant", "shortcut", "stream", "head")
+             if any(r in (row.get("gamma_abs") or {}) for run in exp.runs for row in run.get("history") or [])]
+    if roles:
+        fig, axes = plt.subplots(1, len(roles), figsize=(4 * len(roles), 3.6), squeeze=False)
+        for ax, role in zip(axes[0], roles):
+            for a in exp.arms:
+                x, y = _series(exp, a.arm, lambda row, r=role: (row.get("gamma_abs") or {}).get(r))
+                if x:
+                    ax.plot(x, y, color=colors[a.arm], label=a.arm, lw=1.5 if role in a.arm or a.arm in (
+                        "guidelines", "all", "no_gamma") else 1.0)
+            ax.set_title(f"mean |γ|: {role}")
+            ax.set_xlabel("epoch")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        name = f"gamma{suffix}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append((name, "mean |γ| per role over epochs"))
+
+    # 3. effective learning rate of scale-invariant γ (and of conv/linear weights)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for a in exp.arms:
+        x, y = _series(exp, a.arm, lambda row: (row.get("gamma_eff_lr") or {}).get("scale_invariant"))
+        if x:
+            axes[0].plot(x, y, color=colors[a.arm], label=a.arm)
+        x, y = _series(exp, a.arm, lambda row: row.get("weight_eff_lr"))
+        if x:
+            axes[1].plot(x, y, color=colors[a.arm], label=a.arm)
+    axes[0].set_title("lr / ‖γ‖², scale_invariant γ")
+    axes[1].set_title("lr / ‖W‖², conv and linear weights")
+    for ax in axes:
+        _log_scale(ax)
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    name = f"effective_lr{suffix}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    written.append((name, "effective learning rate over epochs"))
+
+    # 4. variance ratio at the residual additions: over epochs, and per block at the end
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    ticks: list[str] = []
+    for a in exp.arms:
+        x, y = _series(exp, a.arm, _mean_ratio)
+        if x:
+            axes[0].plot(x, y, color=colors[a.arm], label=a.arm)
+        blocks, values = _final_blocks(exp, a.arm)
+        if blocks:
+            axes[1].plot(range(len(blocks)), values, color=colors[a.arm], marker=".", label=a.arm)
+            ticks = blocks
+    axes[0].set_title("mean var(branch)/var(skip) over residual adds")
+    axes[0].set_xlabel("epoch")
+    axes[1].set_title("var(branch)/var(skip) per block, last epoch")
+    if ticks:
+        axes[1].set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)
+    for ax in axes:
+        _log_scale(ax)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    name = f"variance_ratio{suffix}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    written.append((name, "variance ratio of residual branch to skip"))
+    return written
+
+
+def _mean_ratio(row: dict[str, Any]) -> float | None:
+    vals = [v for v in (row.get("variance_ratio") or {}).values() if isinstance(v, (int, float)) and v > 0]
+    return statistics.fmean(vals) if vals else None
+
+
+def _final_blocks(exp, arm: str) -> tuple[list[str], list[float]]:
+    per_block: dict[str, list[float]] = {}
+    for r in exp.runs:
+        if r.get("arm") == arm and r.get("status") == "ok" and r.get("history"):
+            for k, v in (r["history"][-1].get("variance_ratio") or {}).items():
+                if isinstance(v, (int, float)) and v > 0:
+                    per_block.setdefault(k, []).append(v)
+    blocks = list(per_block)
+    return blocks, [statistics.fmean(per_block[b]) for b in blocks]
+
+
+def _log_scale(ax) -> None:
+    """Log scale where the panel has positive data (a one-epoch run may have none)."""
+    if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+        ax.set_yscale("log")

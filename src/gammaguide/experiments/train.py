@@ -1,0 +1,365 @@
+"""One training run: a built-in model, a policy's parameter groups, SGD, a schedule, a record.
+
+Pairing: ``seed`` fixes the initial weights (the model is built right after
+``torch.manual_seed(seed)``) and, through ``data.epoch_plan``, the order of the batches and every
+crop and flip. Two runs that differ only in their policy therefore start from the same weights
+and see the same images in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import analysis, groups
+from ..errors import GammaGuideError
+from ..models import create_model
+from ..policy import resolve_policy
+from . import mechanisms
+from .data import Augment, Dataset, epoch_plan
+from .distributed import DistContext, all_sum
+from .results import run_key
+
+SCHEDULES = ("cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that defines a run; all of it is recorded with the result."""
+
+    model: str = "resnet20"
+    data: str = "cifar10"
+    policy: str = "guidelines"
+    epochs: int = 15
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    subset: int | None = None
+    test_subset: int | None = None
+    subset_seed: int = 0
+    sync_bn: bool = False
+    variance_batch: int = 256  # fixed test images for the variance ratios
+
+    def check(self) -> None:
+        resolve_policy(self.policy)  # raises with the list of policies
+        if self.schedule not in SCHEDULES:
+            raise GammaGuideError(f"unknown --schedule {self.schedule!r}; use {' or '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise GammaGuideError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise GammaGuideError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> str:
+        return run_key(self.settings())
+
+
+@dataclass
+class RunRecord:
+    """What one run leaves in the results file (as one JSON line)."""
+
+    key: str
+    arm: str
+    seed: int
+    status: str  # "ok" | "failed"
+    reason: str | None
+    test_acc: float | None
+    model: str
+    data: str
+    epochs: int
+    settings: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    roles: dict[str, dict[str, int]] = field(default_factory=dict)  # role -> {"count", "decayed"}
+    train_images_per_s: float | None = None
+    wall_s: float | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int = 0) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``.
+
+    cosine: optional linear warm-up, then half a cosine from 1 to 0.
+    onecycle: linear from 1/25 to 1 over the first 30% of the steps, then a cosine to 1/25e4
+    (the shape of ``torch.optim.lr_scheduler.OneCycleLR``, without its momentum cycling).
+    """
+    if schedule == "onecycle":
+        up = max(1, int(0.3 * total))
+        if step < up:
+            return 1 / 25 + (1 - 1 / 25) * step / up
+        t = (step - up) / max(1, total - up)
+        low = 1 / 25e4
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def environment(device: torch.device, world: int) -> dict[str, Any]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "world_size": world, "threads": torch.get_num_threads(), "host": platform.node()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+class Trainer:
+    """The state of one run; ``run()`` trains it to the end (resuming from a checkpoint)."""
+
+    def __init__(self, config: TrainConfig, data: Dataset, ctx: DistContext, *,
+                 checkpoint: str | os.PathLike | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        config.check()
+        self.cfg = config
+        self.ctx = ctx
+        self.device = ctx.device
+        self.cuda = self.device.type == "cuda"
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.progress = progress and ctx.is_main
+        self.log = log if ctx.is_main and log is not None else (lambda msg: None)
+        if config.batch_size % ctx.world_size:
+            raise GammaGuideError(f"--batch-size {config.batch_size} is not divisible by the {ctx.world_size} "
+                                  f"processes; use a multiple of {ctx.world_size}")
+
+        data = data.subset(config.subset, config.test_subset, config.subset_seed)
+        if len(data.train_y) < config.batch_size:
+            raise GammaGuideError(f"the training set has {len(data.train_y)} images, fewer than one batch of "
+                                  f"{config.batch_size}; use a larger --subset or a smaller --batch-size")
+        self.data = data
+        self.train_x = data.train_x.to(self.device)
+        self.train_y = data.train_y.to(self.device)
+        self.test_x = data.test_x.to(self.device)
+        self.test_y = data.test_y.to(self.device)
+        self.augment = Augment(self.device, channels_last=self.cuda)
+
+        torch.manual_seed(config.seed)  # the initial weights: the same for every arm of a seed
+        model = create_model(config.model, num_classes=data.num_classes)
+        if config.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.model = model
+        example = self.augment.normalize(self.test_x[:2])
+        self.report = analysis.analyze(model, example, config.policy, warn=False)
+        self.groups = groups.param_groups(model, config.weight_decay, report=self.report, lr=config.lr)
+        self.optimizer = torch.optim.SGD(self.groups, lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov, weight_decay=config.weight_decay,
+                                         foreach=True)
+        self.steps_per_epoch = len(self.train_y) // config.batch_size  # whole batches only
+        total = self.steps_per_epoch * config.epochs
+        warmup = int(config.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, config.schedule, warmup))
+        self.net = model
+        if ctx.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.cuda else None)
+        self.role_tensors = mechanisms.role_tensors(model, self.report, self.optimizer)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self._resume()
+
+    # -- checkpoints: a killed run resumes at its last finished epoch ----------------------------
+    def _resume(self) -> None:
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+        except Exception as exc:
+            self.log(f"ignoring unreadable checkpoint {self.checkpoint} ({type(exc).__name__}); starting over")
+            return
+        if state.get("key") != self.cfg.key():
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = state["history"]
+        self.start_epoch = state["epoch"]
+        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
+        self.log(f"resuming {self.cfg.policy} seed {self.cfg.seed} after epoch {self.start_epoch}")
+
+    def _save(self, epoch: int) -> None:
+        if self.checkpoint is None or not self.ctx.is_main:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "history": self.history, "train_seconds": self.train_seconds,
+                    "train_images": self.train_images}, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def discard_checkpoint(self) -> None:
+        if self.checkpoint is not None and self.ctx.is_main:
+            self.checkpoint.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only when no other run's checkpoint is left there
+                self.checkpoint.parent.rmdir()
+
+    # -- one epoch ----------------------------------------------------------------------------------
+    def _local_order(self, epoch: int, plan_order: torch.Tensor) -> torch.Tensor:
+        """This process's share of the epoch: a DistributedSampler over the training images.
+
+        Its permutation is the single-process one, and rank r takes every world-th image, so
+        step s of all ranks together covers exactly the single-process batch s."""
+        if not self.ctx.distributed:
+            return plan_order
+        sampler = torch.utils.data.DistributedSampler(range(len(self.train_y)), num_replicas=self.ctx.world_size,
+                                                      rank=self.ctx.rank, shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler))
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        """(mean loss, accuracy, images/s) of one epoch; raises FloatingPointError on a
+        non-finite loss."""
+        cfg = self.cfg
+        plan = epoch_plan(len(self.train_y), cfg.seed, epoch)
+        order = self._local_order(epoch, plan.order).to(self.device)
+        dy, dx, flip = plan.dy.to(self.device), plan.dx.to(self.device), plan.flip.to(self.device)
+        local = cfg.batch_size // self.ctx.world_size
+        self.net.train()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss * n, correct
+        n = 0
+        bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
+        check_every, shown = 20, 0
+        start = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            idx = order[step * local:(step + 1) * local]
+            x = self.augment(self.train_x[idx], dy[idx], dx[idx], flip[idx])
+            y = self.train_y[idx]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                out = self.net(x)
+                loss = F.cross_entropy(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double()])
+            n += len(y)
+            if (step + 1) % check_every == 0 or step + 1 == self.steps_per_epoch:
+                # One host sync every few steps: enough to stop a diverged run early and to
+                # show progress, without stalling the device on every step.
+                loss_sum, correct = sums.tolist()
+                if not math.isfinite(loss_sum):
+                    bar.close()
+                    raise FloatingPointError(f"non-finite training loss ({loss_sum}) at epoch {epoch + 1}, "
+                                             f"step {step + 1}")
+                bar.update(step + 1 - shown)
+                shown = step + 1
+                bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}",
+                                img_s=f"{n * self.ctx.world_size / (time.perf_counter() - start):.0f}",
+                                refresh=False)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        bar.close()
+        counts = torch.cat([sums, torch.tensor([float(n)], device=self.device, dtype=torch.float64)])
+        loss_sum, correct, n = all_sum(self.ctx, counts).tolist()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"non-finite training loss ({loss_sum}) at epoch {epoch + 1}")
+        self.train_seconds += seconds
+        self.train_images += int(n)
+        return loss_sum / n, correct / n, n / seconds
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for i in range(0, len(self.test_y), 1000):
+            x = self.augment.normalize(self.test_x[i:i + 1000])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                correct += (self.model(x).argmax(1) == self.test_y[i:i + 1000]).sum()
+        return int(correct) / len(self.test_y)
+
+    def measure(self, epoch: int, train_loss: float, train_acc: float, img_s: float) -> dict[str, Any]:
+        # The epoch's mean learning rate: the step size its updates really had (the rate at the
+        # epoch's last step would read 0 at the end of a cosine schedule).
+        first = epoch * self.steps_per_epoch
+        factors = [self.scheduler.lr_lambdas[0](s) for s in range(first, first + self.steps_per_epoch)]
+        lr = self.cfg.lr * sum(factors) / len(factors)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+               "test_acc": self.evaluate(), "train_images_per_s": img_s}
+        row.update(mechanisms.gamma_stats(self.role_tensors, lr))
+        batch = self.augment.normalize(self.test_x[: self.cfg.variance_batch])
+        row["variance_ratio"] = mechanisms.variance_ratios(self.model, batch)
+        return row
+
+    # -- the whole run --------------------------------------------------------------------------------
+    def run(self) -> RunRecord:
+        cfg = self.cfg
+        wall = time.perf_counter()
+        status, reason = "ok", None
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                loss, acc, img_s = self.train_epoch(epoch)
+                if self.ctx.is_main:
+                    row = self.measure(epoch, loss, acc, img_s)
+                    self.history.append(row)
+                    self.log(f"[{cfg.policy} seed {cfg.seed}] epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  "
+                             f"train {acc:.4f}  test {row['test_acc']:.4f}  {img_s:.0f} img/s")
+                    self._save(epoch + 1)
+        except FloatingPointError as exc:
+            status, reason = "failed", str(exc)
+            self.log(f"[{cfg.policy} seed {cfg.seed}] stopped: {exc}")
+        counts = self.report.counts()
+        decayed = {r: 0 for r in counts}
+        for e in self.report.entries:
+            decayed[e.role] += e.decay
+        return RunRecord(
+            key=cfg.key(), arm=cfg.policy, seed=cfg.seed, status=status, reason=reason,
+            test_acc=self.history[-1]["test_acc"] if status == "ok" and self.history else None,
+            model=cfg.model, data=cfg.data, epochs=cfg.epochs, settings=cfg.settings(), history=self.history,
+            roles={r: {"count": counts[r], "decayed": decayed[r]} for r in counts if counts[r]},
+            train_images_per_s=self.train_images / self.train_seconds if self.train_seconds else None,
+            wall_s=time.perf_counter() - wall, environment=environment(self.device, self.ctx.world_size),
+        )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if enabled and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return _Quiet()
+
+
+class _Quiet:
+    def update(self, k: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
