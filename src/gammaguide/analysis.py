@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -16,7 +16,8 @@ from .ops import base_name
 from .policy import Policy, resolve_policy
 from .report import Entry, ParamInfo, Report
 from .roles import PAPER_CATEGORY, Dataflow, strongest
-from .trace import Graph, trace
+from .sharding import whole_parameters
+from .trace import Graph, gc_paused, trace
 
 
 @dataclass
@@ -29,9 +30,19 @@ class Traced:
     finding: NormFinding
     flow: Dataflow
     input_shapes: tuple[str, ...]
+    # id -> whole shape, for parameters held as 1-D shards outside the trace (FSDP1).
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
+    unwrap(model)  # a clear error for anything that is not a module, before anything walks it
+    with whole_parameters(model) as shapes:
+        traced = _trace_whole(model, example_inputs, observe_adds=observe_adds)
+    traced.shapes = shapes
+    return traced
+
+
+def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
     inner = unwrap(model)
     args, kwargs = prepare_inputs(inner, example_inputs)
     with eval_without_side_effects(inner):
@@ -84,19 +95,23 @@ def build_report(
 ) -> Report:
     model, inner, flow, finding, graph = traced.model, traced.inner, traced.flow, traced.finding, traced.graph
     inner_params = dict(inner.named_parameters(remove_duplicate=False))
-    outer_name = {}
-    for name, p in model.named_parameters():
-        outer_name.setdefault(id(p), name)
     module_outer = {}
     for name, m in model.named_modules():
         module_outer.setdefault(id(m), name)
 
+    # A parameter registered under several names is traced under its first one.
+    aliases: dict[int, list[str]] = {}
+    for name, p in inner_params.items():
+        aliases.setdefault(id(p), []).append(name)
+
     # γ and β, by id of the parameter; with their module and norm type.
-    gamma_info: dict[int, tuple[str, str, str]] = {}  # id -> (inner γ name, module name, norm type)
+    gamma_info: dict[int, tuple[str, str, str]] = {}  # id -> (traced γ name, module name, norm type)
     beta_ids: set[int] = set()
     for nm in finding.modules.values():
         for g in nm.gammas:
-            gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(nm.module), nm.name), type(nm.module).__name__))
+            pid = id(inner_params[g])
+            owner = module_outer.get(id(nm.module), nm.name)
+            gamma_info.setdefault(pid, (aliases[pid][0], owner, type(nm.module).__name__))
         beta_ids.update(id(inner_params[b]) for b in nm.betas)
     for node, (g, b) in finding.functional.items():
         if g is not None and g in inner_params:
@@ -112,7 +127,9 @@ def build_report(
 
     entries: list[Entry] = []
     params: list[ParamInfo] = []
+    warns = list(finding.warnings)
     for name, p in model.named_parameters():
+        shape = traced.shapes.get(id(p), tuple(p.shape))
         role = None
         if id(p) in gamma_info:
             inner_name, module_name, norm_type = gamma_info[id(p)]
@@ -129,25 +146,48 @@ def build_report(
             kind = "beta"
         elif name.endswith("bias"):
             kind = "bias"
-        elif p.ndim >= 2:
+        elif len(shape) >= 2:
             kind = "weight"
         else:
             kind = "other"
         decay = policy.decides(kind, role) and id(p) not in skip
+        if kind in ("gamma", "beta"):
+            warns.extend(_shared_warning(name, kind, role, decay, aliases.get(id(p), ()), inner, finding))
         if kind == "gamma":
             if id(p) in skip:
                 reason += " (in skip_list / no_weight_decay)"
             entries.append(Entry(name, module_name, norm_type, role, PAPER_CATEGORY[role], decay, reason))
-        params.append(ParamInfo(name, kind, role, decay, tuple(p.shape), p.requires_grad))
+        params.append(ParamInfo(name, kind, role, decay, shape, p.requires_grad))
 
     return Report(
         entries=tuple(entries),
         params=tuple(params),
         residual_adds=tuple(flow.residual_adds()),
-        warnings=tuple(finding.warnings),
+        warnings=tuple(warns),
         policy=policy.name,
         input_shapes=traced.input_shapes,
     )
+
+
+def _shared_warning(name: str, kind: str, role: str | None, decay: bool, aliases, inner: nn.Module,
+                    finding: NormFinding) -> list[str]:
+    """A γ or β that is also some other module's parameter gets one decision for all its uses:
+    say so, since the other module's author may expect another."""
+    if len(aliases) < 2:
+        return []
+    owned = {a: id(inner.get_submodule(a.rpartition(".")[0])) in finding.modules for a in aliases}
+    others = [a for a, by_norm in owned.items() if not by_norm]
+    norms = [a for a, by_norm in owned.items() if by_norm]
+    if not others or not norms:
+        return []
+    what = "γ" if kind == "gamma" else "β"
+    as_role = f", role {role}" if kind == "gamma" else ""
+    return [
+        f"parameter '{name}' is both a normalization's {what} ({', '.join(norms)}{as_role}) and a parameter of "
+        f"another module ({', '.join(others)}): it is counted once, as a {what}, "
+        f"{'decayed' if decay else 'not decayed'} for all its uses. Give the other module its own parameter if it "
+        f"should be treated differently."
+    ]
 
 
 def analyze(
@@ -167,7 +207,8 @@ def analyze(
     The model's train/eval flags and normalization buffers are left exactly as they were.
     """
     resolved = resolve_policy(policy, decay_bias=decay_bias, decay_beta=decay_beta)
-    report = build_report(trace_model(model, example_inputs), resolved, skip_list)
+    with gc_paused():
+        report = build_report(trace_model(model, example_inputs), resolved, skip_list)
     if warn:
         for w in report.warnings:
             warnings.warn(w, stacklevel=2)

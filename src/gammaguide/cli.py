@@ -6,7 +6,9 @@ Every error a user can cause ends as one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import warnings
 
@@ -243,8 +245,17 @@ def _style(verdict: str) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2 like every other error
+    (argparse would print the whole usage block first)."""
+
+    def error(self, message: str):
+        print(f"gammaguide: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gammaguide", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gammaguide", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     from .experiments import cli as experiments_cli  # argparse definitions only; heavy imports stay lazy
@@ -265,3 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gammaguide: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `gammaguide inspect ... --json | head`: the reader left, which is not an error of ours.
+        # Point stdout at /dev/null so that the interpreter's final flush does not raise again.
+        with contextlib.suppress(OSError, ValueError):  # stdout may not be a real file
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -14,6 +14,41 @@ from .report import Report
 from .roles import ROLES
 
 
+class ParamGroup(dict):
+    """A plain parameter-group dict that notices when a second optimizer adopts it.
+
+    ``torch.optim`` stores each optimizer's settings (lr, momentum, ...) in the group dict
+    itself with ``setdefault``; a second optimizer built from the same dicts would silently
+    inherit the first one's settings and share its learning-rate schedule. Every optimizer
+    adopts a group the same way: it assigns ``params``, then fills in its defaults.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._adopting = False
+        self._adoptions = 0
+
+    def __setitem__(self, key, value):
+        if key == "params":
+            self._adopting = True
+        super().__setitem__(key, value)
+
+    def setdefault(self, key, default=None):
+        if self._adopting:
+            self._adopting = False
+            self._adoptions += 1
+            if self._adoptions > 1:
+                warnings.warn(
+                    f"param group {self.get('name', '')!r} from gammaguide.param_groups is given to a second "
+                    f"optimizer: torch.optim keeps each optimizer's settings in the group dict itself, so this "
+                    f"optimizer inherits the first one's (lr={self.get('lr')!r}, ...) and both share one "
+                    f"learning-rate schedule. Call gammaguide.param_groups() once per optimizer (every call "
+                    f"returns fresh groups).",
+                    stacklevel=3,
+                )
+        return super().setdefault(key, default)
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
@@ -33,6 +68,8 @@ def param_groups(
     exactly once, frozen ones in none. ``lr_scale`` maps a role to a learning-rate
     multiplier for the γ of that role (stored as ``lr_scale``, and as ``lr`` when a base
     ``lr`` is given). Pass ``report`` to reuse an analysis instead of tracing again.
+    Each call returns fresh group dicts: build each optimizer from its own call (a group
+    given to a second optimizer warns, see ``ParamGroup``).
     """
     if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise GammaGuideError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
@@ -66,7 +103,7 @@ def param_groups(
             label = "decay" if pi.decay else "no_decay"
             if scale != 1.0:
                 label += f"_lr_x{scale:g}"
-            group = {"params": [], "weight_decay": key[0], "name": label}
+            group = ParamGroup(params=[], weight_decay=key[0], name=label)
             if scale != 1.0:
                 group["lr_scale"] = scale
             if lr is not None:

@@ -133,20 +133,16 @@ def describe_inputs(args: tuple, kwargs: dict) -> list[str]:
 
 @contextlib.contextmanager
 def eval_without_side_effects(model: nn.Module) -> Iterator[None]:
-    """Trace in eval mode without gradients; afterwards every module's train/eval flag and
-    every normalization buffer (running mean/var, batch counter) is exactly as before."""
+    """Trace in eval mode without gradients; afterwards every module's train/eval flag is
+    exactly as before. (Buffers the forward pass writes, such as running statistics of a norm
+    that updates them in eval mode too, are put back by ``trace`` itself.)"""
     modes = [(m, m.training) for m in model.modules()]
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            saved.extend((b, b.detach().clone()) for b in m.buffers(recurse=False) if b is not None)
     try:
-        model.eval()
+        if any(training for _, training in modes):  # a model already in eval mode needs no switch
+            model.eval()
         with torch.no_grad():
             yield
     finally:
         for m, training in modes:
-            m.training = training
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+            if m.training is not training:  # Module.__setattr__ is slow: touch only what changed
+                m.training = training

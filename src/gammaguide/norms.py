@@ -9,8 +9,10 @@ A module is a normalization when
 3. it passes the behavioural rule, checked on every traced call of the module: the call
    runs no weighted op (conv/linear/matmul/embedding), it computes a scale statistic
    (variance, standard deviation, norm, rsqrt, sqrt, or a fused norm kernel) of its input,
-   and one of the module's own parameters multiplies a tensor derived from that statistic.
-   That parameter is the module's γ; its own parameters that are added afterwards are β.
+   and one of the module's own parameters multiplies a tensor derived from that statistic
+   (``w * (x * rsqrt(v))``), or multiplies the input before the product is multiplied or
+   divided by it (``w * x * rsqrt(v)``). That parameter is the module's γ; its own
+   parameters that are added afterwards are β.
 
 A normalization op called functionally inside a bigger module (``F.layer_norm(x, s, w, b)``
 in a block's ``forward``) is a normalization too; its weight argument is a γ.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, NORM_OPS, SHAPE_ONLY_OPS, STAT_OPS, VIEW_OPS, base_name
+from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, NORM_OPS, SCALE_OPS, SHAPE_ONLY_OPS, STAT_OPS, VIEW_OPS
 from .trace import BUFFER, CONST, INPUT, LEAF_KINDS, PARAM, Graph
 
 _TORCH_NORM_TYPES: tuple[type, ...] = tuple(
@@ -88,28 +90,43 @@ class NormFinding:
 def _direct_params(module: nn.Module, prefix: str) -> dict[str, str]:
     """attribute name -> qualified name, for parameters owned by the module itself."""
     dot = f"{prefix}." if prefix else ""
-    return {attr: dot + attr for attr, p in module.named_parameters(recurse=False) if p is not None}
+    # ``_parameters`` directly: named_parameters() walks the module tree even with recurse=False,
+    # and this runs for every module call of every analysis.
+    return {attr: dot + attr for attr, p in module._parameters.items() if p is not None}
 
 
 def root_params(graph: Graph) -> list[str | None]:
     """For each node, the parameter it is a view, cast or copy of (None if it is not one)."""
+    if "root_params" not in graph.memo:
+        graph.memo["root_params"] = _root_params(graph)
+    return graph.memo["root_params"]
+
+
+def _root_params(graph: Graph) -> list[str | None]:
     root: list[str | None] = [None] * len(graph)
-    for i, op in enumerate(graph.ops):
-        if op == PARAM:
+    for i, name in enumerate(graph.op_names()):
+        if name == PARAM:
             root[i] = graph.leaf_names.get(i)
-        elif op not in LEAF_KINDS and base_name(op) in VIEW_OPS and graph.ins[i]:
+        elif name in VIEW_OPS and graph.ins[i]:
             root[i] = root[graph.ins[i][0]]
     return root
 
 
 def activations(graph: Graph) -> list[bool]:
     """Nodes computed by value from a model input (not from parameters, buffers or constants only)."""
+    if "activations" not in graph.memo:
+        graph.memo["activations"] = _activations(graph)
+    return graph.memo["activations"]
+
+
+def _activations(graph: Graph) -> list[bool]:
     act = [False] * len(graph)
-    for i, op in enumerate(graph.ops):
-        if op == INPUT:
+    ins = graph.ins
+    for i, name in enumerate(graph.op_names()):
+        if name == INPUT:
             act[i] = True
-        elif op not in LEAF_KINDS and base_name(op) not in SHAPE_ONLY_OPS:
-            act[i] = any(act[k] for k in graph.ins[i])
+        elif name not in LEAF_KINDS and name not in SHAPE_ONLY_OPS:
+            act[i] = any(act[k] for k in ins[i])
     return act
 
 
@@ -119,39 +136,51 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
     Returns (γ names, β names), or None when the rule does not hold.
     """
     own_names = set(own.values())
-    from_input = [False] * (end - start)  # derived from an activation that entered the call
-    from_stat = [False] * (end - start)  # derived from a scale statistic of such an activation
+    n = end - start
+    from_input = [False] * n  # derived from an activation that entered the call
+    from_stat = [False] * n  # derived from a scale statistic of such an activation
+    # The own parameter a node was scaled by before the statistic was applied, as in
+    # ``weight * x * rsqrt(var)`` (the γ multiplies the input, then the product is normalized).
+    scaled: list[str | None] = [None] * n
     gammas: list[str] = []
     betas: list[str] = []
     saw_stat = False
+    names, ins = graph.op_names(), graph.ins
     for i in range(start, end):
-        op = graph.ops[i]
-        if op in LEAF_KINDS:
+        name = names[i]
+        if name in LEAF_KINDS:
             continue
-        name = base_name(op)
-        if name in MATMUL_OPS and any(root[k] is not None for k in graph.ins[i]):
+        if name in MATMUL_OPS and any(root[k] is not None for k in ins[i]):
             return None
         inp = stat = False
-        for k in graph.ins[i]:
-            if k < start:
-                inp = inp or graph.ops[k] not in (PARAM, BUFFER, CONST)
-            elif graph.ops[k] not in LEAF_KINDS:
+        carried = None
+        for k in ins[i]:
+            # A leaf node is made when a tensor is first read, so the model's input may be a leaf
+            # inside this call (a norm applied to the input itself): it enters the call all the same.
+            if k < start or names[k] in LEAF_KINDS:
+                inp = inp or names[k] not in (PARAM, BUFFER, CONST)
+            else:
                 inp = inp or from_input[k - start]
                 stat = stat or from_stat[k - start]
+                carried = carried or scaled[k - start]
         if name in STAT_OPS and inp:
             stat = saw_stat = True
         from_input[i - start] = inp
         from_stat[i - start] = stat
-        params = [root[k] for k in graph.ins[i] if root[k] in own_names]
+        scaled[i - start] = carried
+        params = [root[k] for k in ins[i] if root[k] in own_names]
+        inner = [k - start for k in ins[i] if k >= start and names[k] not in LEAF_KINDS]
+        if name in SCALE_OPS and carried and any(from_stat[j] and scaled[j] != carried for j in inner):
+            # γ·x, then normalized by a statistic of x: the γ is the parameter carried along.
+            gammas.extend(p for p in (carried,) if p not in gammas)
         if not params:
             continue
-        others_stat = any(
-            k >= start and graph.ops[k] not in LEAF_KINDS and from_stat[k - start] and root[k] is None
-            for k in graph.ins[i]
-        )
+        others_stat = any(from_stat[j] and root[j + start] is None for j in inner)
         if name in MUL_OPS and others_stat:
             gammas.extend(p for p in params if p not in gammas)
-        elif name in NORM_OPS and params:
+        elif name in MUL_OPS and inp:
+            scaled[i - start] = params[0]
+        elif name in NORM_OPS:
             # A fused kernel given the module's own weight (and bias) arguments.
             gammas.extend(p for p in params[:1] if p not in gammas)
             betas.extend(p for p in params[1:2] if p not in betas)
@@ -166,10 +195,9 @@ def _stat_derived(graph: Graph, root: list[str | None], norm_calls_nodes: set[in
     """Nodes that carry a normalized tensor: a statistic's result or a norm's output, not yet
     passed through a weighted op. Used only to warn about unrecognised γ-like parameters."""
     out = [False] * len(graph)
-    for i, op in enumerate(graph.ops):
-        if op in LEAF_KINDS:
+    for i, name in enumerate(graph.op_names()):
+        if name in LEAF_KINDS:
             continue
-        name = base_name(op)
         if name in STAT_OPS or i in norm_calls_nodes:
             out[i] = True
         elif name in MATMUL_OPS:
@@ -177,6 +205,18 @@ def _stat_derived(graph: Graph, root: list[str | None], norm_calls_nodes: set[in
         else:
             out[i] = any(out[k] for k in graph.ins[i])
     return out
+
+
+def _is_known_norm(m: nn.Module) -> bool:
+    return isinstance(m, _TORCH_NORM_TYPES) or type(m).__name__ in KNOWN_NORM_CLASSES
+
+
+def _known_norm(m: nn.Module, name: str) -> NormModule:
+    own = _direct_params(m, name)
+    nm = NormModule(m, name, "type" if isinstance(m, _TORCH_NORM_TYPES) else "registry")
+    nm.gammas = [own[a] for a in GAMMA_NAMES if a in own]
+    nm.betas = [own[a] for a in BETA_NAMES if a in own]
+    return nm
 
 
 def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
@@ -191,15 +231,14 @@ def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
         if key in modules or key in undecided or call.name is None:
             continue
         cls = type(m).__name__
-        own = _direct_params(m, call.name)
-        if isinstance(m, _TORCH_NORM_TYPES) or cls in KNOWN_NORM_CLASSES:
-            how = "type" if isinstance(m, _TORCH_NORM_TYPES) else "registry"
-            nm = NormModule(m, call.name, how)
-            nm.gammas = [own[a] for a in GAMMA_NAMES if a in own]
-            nm.betas = [own[a] for a in BETA_NAMES if a in own]
-            modules[key] = nm
+        if _is_known_norm(m):
+            modules[key] = _known_norm(m, call.name)
         elif cls not in NOT_NORM_CLASSES:
             undecided[key] = (m, call.name)
+    # Normalizations the forward pass never ran still own a γ (its role is "unused").
+    for name, m in model.named_modules():
+        if id(m) not in modules and _is_known_norm(m):
+            modules[id(m)] = _known_norm(m, name)
 
     # Behavioural rule, on each call of each remaining module that owns parameters.
     for call in graph.calls:
@@ -233,8 +272,9 @@ def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
         in_norm_call.update(range(graph.calls[c].start, graph.calls[c].end))
     functional: dict[int, tuple[str | None, str | None]] = {}
     act = activations(graph)
-    for i, op in enumerate(graph.ops):
-        if op in LEAF_KINDS or i in in_norm_call or base_name(op) not in NORM_OPS:
+    names = graph.op_names()
+    for i, op_name in enumerate(names):
+        if op_name not in NORM_OPS or i in in_norm_call:
             continue
         if not graph.ins[i] or not act[graph.ins[i][0]]:
             continue  # normalizes a parameter (weight standardization), not an activation
@@ -248,23 +288,29 @@ def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
         if key in modules:
             continue
         cls = type(m).__name__
-        has_own = any(True for _ in m.parameters(recurse=False))
-        has_children = any(True for _ in m.children())
+        has_own = any(p is not None for p in m._parameters.values())
+        has_children = bool(m._modules)
         if "Norm" in cls and (has_own or not has_children):
             warnings.append(
                 f"module '{name}' ({cls}) looks like a normalization but was not recognised: its parameters "
                 f"are treated as plain weights/biases. If it normalizes its input, register the class with "
                 f"gammaguide.norms.register_norm_class('{cls}')."
             )
-    stat = _stat_derived(graph, root, in_norm_call)
-    params_1d = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    # Derived only when some multiplication involves an unrecognised parameter: most models have none.
+    stat: list[bool] | None = None
+    params_1d: set[str] = set()
     flagged: set[str] = set()
-    for i, op in enumerate(graph.ops):
-        if op in LEAF_KINDS or i in in_norm_call or base_name(op) not in MUL_OPS:
+    for i, op_name in enumerate(names):
+        if op_name not in MUL_OPS or i in in_norm_call:
             continue
         for k in graph.ins[i]:
             p = root[k]
-            if p is None or p in recognised_params or p in flagged or p not in params_1d:
+            if p is None or p in recognised_params or p in flagged:
+                continue
+            if stat is None:
+                stat = _stat_derived(graph, root, in_norm_call)
+                params_1d = {n for n, q in model.named_parameters() if q.ndim <= 1}
+            if p not in params_1d:
                 continue
             if any(stat[j] and root[j] is None for j in graph.ins[i] if j != k):
                 flagged.add(p)

@@ -38,6 +38,7 @@ VIEW_OPS = frozenset({
 
 # Ops that scale a tensor elementwise by another.
 MUL_OPS = frozenset({"mul", "mul_", "addcmul", "addcmul_"})
+SCALE_OPS = MUL_OPS | {"div", "div_"}
 
 # Residual additions are spelled with these (``+``, ``+=``, ``torch.add``, ``add_``).
 ADD_OPS = frozenset({"add", "add_"})
@@ -61,3 +62,12 @@ SHAPE_ONLY_OPS = frozenset({
     "sym_stride", "sym_storage_offset", "_shape_as_tensor", "size", "stride", "numel", "dim",
     "_local_scalar_dense", "is_nonzero", "equal",
 })
+
+# Ops that update running statistics in place although their schema does not mark the
+# arguments as written: the positions of ``running_mean`` and ``running_var``, and of the
+# flag (``training``, ``use_input_stats``) without which they only read them.
+UNMARKED_WRITES = {
+    name: ((3, 4), 5)
+    for name in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm", "_batch_norm_impl_index",
+                 "batch_norm", "instance_norm")
+}

@@ -31,7 +31,7 @@ import heapq
 from dataclasses import dataclass
 
 from .norms import NormFinding, activations, root_params
-from .ops import ADD_OPS, MATMUL_OPS, SHAPE_ONLY_OPS, base_name
+from .ops import ADD_OPS, MATMUL_OPS, SHAPE_ONLY_OPS
 from .trace import LEAF_KINDS, PARAM, Graph
 
 ROLES = ("residual_last", "scale_invariant", "shortcut", "stream", "head", "unused")
@@ -64,13 +64,13 @@ class Dataflow:
     def __init__(self, graph: Graph, finding: NormFinding):
         self.graph = graph
         n = len(graph)
-        ops = graph.ops
+        names = self.names = graph.op_names()
         self.root = root_params(graph)
         rep = list(range(n))
         self.norm_name: dict[int, str] = {}
         for c in finding.norm_calls:
             call = graph.calls[c]
-            inner = [i for i in range(call.start, call.end) if ops[i] not in LEAF_KINDS]
+            inner = [i for i in range(call.start, call.end) if names[i] not in LEAF_KINDS]
             if not inner:
                 continue
             s = inner[-1]
@@ -81,14 +81,12 @@ class Dataflow:
             self.norm_name[i] = self._context(i)
         self.rep = rep
 
-        names = [base_name(op) for op in ops]
-        self.names = names
         self.act = act = activations(graph)
 
         preds: list[set[int]] = [set() for _ in range(n)]
         succ: list[dict[tuple[int, int], None]] = [{} for _ in range(n)]  # ordered set of (node, arg position)
         for i in range(n):
-            if ops[i] in LEAF_KINDS or names[i] in SHAPE_ONLY_OPS:
+            if names[i] in LEAF_KINDS or names[i] in SHAPE_ONLY_OPS:
                 continue
             j = rep[i]
             for pos, k in enumerate(graph.ins[i]):
@@ -99,18 +97,17 @@ class Dataflow:
                     preds[j].add(s)
                 succ[s][(j, pos if j == i else -1)] = None
         self.preds = preds
-        self.succ = [list(d) for d in succ]
+        self.succ = succ  # iterating an ordered set (a dict) gives its (node, position) pairs
         # A conv/linear/matmul is weighted when an operand is computed from parameters alone
         # (the weight itself, a view or cast of it, or a standardized weight as in StdConv2d).
         from_param = [False] * n
         for i in range(n):
-            if ops[i] == PARAM:
+            if names[i] == PARAM:
                 from_param[i] = True
-            elif ops[i] not in LEAF_KINDS and not act[i]:
+            elif names[i] not in LEAF_KINDS and not act[i]:
                 from_param[i] = any(from_param[k] for k in graph.ins[i])
         self.weighted = [
-            ops[i] not in LEAF_KINDS and names[i] in MATMUL_OPS and any(from_param[k] for k in graph.ins[i])
-            for i in range(n)
+            names[i] in MATMUL_OPS and any(from_param[k] for k in graph.ins[i]) for i in range(n)
         ]
         self.outputs = {rep[o] for o in graph.outputs}
         self._residual: dict[int, tuple[int, int, int, int] | None] = {}
@@ -203,8 +200,8 @@ class Dataflow:
 
     def residual_adds(self) -> list[ResidualAdd]:
         out = []
-        for j, op in enumerate(self.graph.ops):
-            if op in LEAF_KINDS or self.names[j] not in ADD_OPS:
+        for j, name in enumerate(self.names):
+            if name not in ADD_OPS:
                 continue
             r = self.residual(j)
             if r is not None:
@@ -215,11 +212,11 @@ class Dataflow:
     def uses(self) -> dict[str, set[int]]:
         """Parameter name -> the (collapsed) nodes that consume it, seen through views and casts."""
         uses: dict[str, set[int]] = {}
-        root, rep = self.root, self.rep
-        for i, op in enumerate(self.graph.ops):
-            if op in LEAF_KINDS:
+        root, rep, ins = self.root, self.rep, self.graph.ins
+        for i, name in enumerate(self.names):
+            if name in LEAF_KINDS:
                 continue
-            for k in self.graph.ins[i]:
+            for k in ins[i]:
                 p = root[k]
                 if p is not None and root[i] != p:
                     uses.setdefault(p, set()).add(rep[i])
@@ -229,19 +226,25 @@ class Dataflow:
         """Where the walks forward from node ``u`` end: (role, node, via) triples, where node is
         the normalization, residual add or output reached and ``via`` the first weighted op on
         the way (-1 if none)."""
-        out: list[tuple[str, int, int]] = []
+        # A norm whose own output is returned (``nn.Sequential(..., nn.LayerNorm(d))``) has no
+        # successor to reach the output through.
+        out: list[tuple[str, int, int]] = [("head", u, -1)] if u in self.outputs else []
+        names, norm_name, succ = self.names, self.norm_name, self.succ
         seen: set[tuple[int, int, bool]] = set()
-        stack = [(s, pos, -1) for s, pos in self.succ[u]]
+        stack = [(s, pos, -1) for s, pos in succ[u]]
         while stack:
             n, pos, via = stack.pop()
-            state = (n, pos, via >= 0)
+            is_add = names[n] in ADD_OPS
+            # The argument position matters only at an add (which side it is reached on):
+            # elsewhere one visit per node (and per "through a weighted op or not") is enough.
+            state = (n, pos if is_add else -1, via >= 0)
             if state in seen:
                 continue
             seen.add(state)
-            if n in self.norm_name:
+            if n in norm_name:
                 out.append(("scale_invariant", n, via))
                 continue
-            r = self.residual(n)
+            r = self.residual(n) if is_add else None
             if r is not None:
                 skip, fork = r[0], r[1]
                 if pos != skip:
@@ -255,7 +258,7 @@ class Dataflow:
                 via = n
             if n in self.outputs:
                 out.append(("head", n, via))
-            stack.extend((s, p, via) for s, p in self.succ[n])
+            stack.extend((s, p, via) for s, p in succ[n])
         return out
 
     def walk(self, u: int) -> dict[str, str]:

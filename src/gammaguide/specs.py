@@ -252,8 +252,11 @@ def _hf(name: str, num_classes: int | None, meta: bool) -> nn.Module:
         if not entry.model_class.endswith("ForSequenceClassification"):
             raise GammaGuideError(f"--num-classes does not apply to hf:{name} (a language model); leave it out")
         kwargs["num_labels"] = num_classes
-    config = getattr(transformers, entry.config_class)(**kwargs)
     model_class = getattr(transformers, entry.model_class)
+    # The config validates itself on construction and logs (e.g. GPT-2's token ids beyond a
+    # tiny vocabulary, never used here) to stderr, where only errors belong.
+    with _quiet(), _hf_quiet(transformers):
+        config = getattr(transformers, entry.config_class)(**kwargs)
     if not entry.tiny and not meta:
         _refuse_if_huge(name, model_class, config)
     with _quiet(), _hf_quiet(transformers):

@@ -5,11 +5,14 @@ Like ``torch.utils.flop_counter``, the model runs once, unmodified, under a
 that produced its tensor arguments. Two global module hooks note which module
 call each op ran in, so that later stages can collapse a normalization module
 into a single node and name the module behind every op. Nothing is attached
-to the model or to its tensors; the hooks are removed before ``trace`` returns.
+to the model or to its tensors; the hooks are removed before ``trace`` returns,
+and any parameter or buffer the forward pass writes into is put back as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,12 +21,14 @@ import torch
 from torch.nn.modules import module as _module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .ops import UNMARKED_WRITES, base_name
+
 # Leaf kinds: tensors that no traced op produced.
 INPUT, PARAM, BUFFER, CONST = "input", "param", "buffer", "const"
 LEAF_KINDS = (INPUT, PARAM, BUFFER, CONST)
 
 
-@dataclass
+@dataclass(slots=True)  # one per module call: slots make them cheap to create
 class Call:
     """One call of a module: the ops it ran are the nodes ``start <= i < end``."""
 
@@ -40,7 +45,7 @@ class Graph:
     ``OpOverload``) or a leaf (``ops[i]`` is one of ``LEAF_KINDS``)."""
 
     ops: list[Any] = field(default_factory=list)
-    ins: list[list[int]] = field(default_factory=list)
+    ins: list[list[int] | tuple[int, ...]] = field(default_factory=list)
     call: list[int] = field(default_factory=list)  # innermost module call, -1 = top level
     is_float: list[bool] = field(default_factory=list)
     leaf_names: dict[int, str] = field(default_factory=dict)  # leaf node -> name
@@ -50,10 +55,28 @@ class Graph:
     # For observed adds (see ``trace(observe_adds=...)``): node -> (f(arg0), f(arg1)).
     add_observations: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     output_tensors: list[torch.Tensor] = field(default_factory=list)
+    # Per-node facts that several stages derive from the finished graph (see norms.py).
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ops)
 
+    def op_names(self) -> list[str]:
+        """Every node's op by its base name (``add_``; a leaf's kind), computed once."""
+        names = self.memo.get("op_names")
+        if names is None:
+            by_id: dict[int, str] = {}  # ops hash in Python; their ids hash in C
+            names = self.memo["op_names"] = []
+            for op in self.ops:
+                name = by_id.get(id(op))
+                if name is None:
+                    name = by_id[id(op)] = base_name(op)
+                names.append(name)
+        return names
+
+
+_UNKNOWN = (CONST, None)  # a tensor that is neither a parameter, a buffer nor an input
+_NO_INPUTS: tuple[int, ...] = ()  # shared by every leaf node: nothing appends to it
 
 _ADD_OPS = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.add.out})
 
@@ -79,6 +102,47 @@ def _iter_tensors(obj: Any, _depth: int = 0):
         return
 
 
+@dataclass(frozen=True)
+class _Writes:
+    """The arguments an op writes into: ``positions`` and keyword ``names`` by its schema
+    (``add_``'s self, ``out=``), ``unmarked`` positions that it writes without saying so
+    when its argument at position ``unmarked_if`` is true (a batch norm in training)."""
+
+    positions: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    unmarked: tuple[int, ...] = ()
+    unmarked_if: int = -1
+
+    @classmethod
+    def of(cls, func) -> "_Writes":
+        positions, names = [], []
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                if a.kwarg_only:
+                    names.append(a.name)
+                else:
+                    positions.append(i)
+        unmarked, flag = UNMARKED_WRITES.get(base_name(func), ((), -1))
+        return cls(tuple(positions), tuple(names), unmarked, flag)
+
+    def __bool__(self) -> bool:
+        return bool(self.positions or self.names or self.unmarked)
+
+    def marked(self, args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
+        out = [args[i] for i in self.positions if i < len(args) and isinstance(args[i], torch.Tensor)]
+        if kwargs and self.names:
+            out += [kwargs[k] for k in self.names if isinstance(kwargs.get(k), torch.Tensor)]
+        return out
+
+    def hidden(self, args: tuple) -> list[torch.Tensor]:
+        if not (0 <= self.unmarked_if < len(args) and args[self.unmarked_if] is True):
+            return []
+        return [args[i] for i in self.unmarked if i < len(args) and isinstance(args[i], torch.Tensor)]
+
+
+_NO_WRITES = _Writes()
+
+
 class _Recorder(TorchDispatchMode):
     """Appends one node per aten op to ``graph``; kept lean because it runs per op."""
 
@@ -90,7 +154,9 @@ class _Recorder(TorchDispatchMode):
         self.cur_call = -1
         self.observe_adds = observe_adds
         self.view_writes: dict[int, int] = {}  # storage -> last node that wrote into it through a view
-        self._mutated_args: dict[Any, tuple[int, ...]] = {}
+        self._writes: dict[int, _Writes] = {}  # id(op) -> the arguments it writes into
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param/buffer, value before)
+        self.shared: dict[str, int] = {}  # the one leaf node of all buffers, of all constants
 
     # -- tensor -> node ---------------------------------------------------------------------------
     def node_of(self, t: torch.Tensor) -> int:
@@ -109,17 +175,30 @@ class _Recorder(TorchDispatchMode):
 
     def _new_leaf(self, t: torch.Tensor) -> int:
         g = self.g
-        kind, name = self.known.get(id(t), (CONST, None))
-        n = len(g.ops)
-        g.ops.append(kind)
-        g.ins.append([])
-        g.call.append(self.cur_call)
-        g.is_float.append(t.is_floating_point())
+        kind, name = self.known.get(id(t), _UNKNOWN)
+        if kind is BUFFER or kind is CONST:
+            # Nothing downstream tells one buffer or constant from another (they are neither
+            # activations nor parameters): one node per kind keeps the graph small.
+            n = self.shared.get(kind, -1)
+            if n < 0:
+                n = self.shared[kind] = self._append_leaf(t, kind)
+            self.live[id(t)] = (weakref.ref(t), n)
+            return n
+        n = self._append_leaf(t, kind)
         if name is not None:
             g.leaf_names[n] = name
-            if kind == PARAM:
+            if kind is PARAM:
                 g.param_nodes.setdefault(name, n)
-        self.bind(t, n)
+        self.live[id(t)] = (weakref.ref(t), n)
+        return n
+
+    def _append_leaf(self, t: torch.Tensor, kind: str) -> int:
+        g = self.g
+        n = len(g.ops)
+        g.ops.append(kind)
+        g.ins.append(_NO_INPUTS)
+        g.call.append(self.cur_call)
+        g.is_float.append(t.is_floating_point())
         return n
 
     def bind(self, t: torch.Tensor, n: int) -> None:
@@ -127,28 +206,32 @@ class _Recorder(TorchDispatchMode):
 
     # -- dispatch ---------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        node_of = self.node_of
+        # This runs for every op of the forward pass: the common paths are inlined.
+        live, node_of, plain = self.live, self.node_of, not self.view_writes
         ins = []
-        for a in args:
+        for a in ((*args, *kwargs.values()) if kwargs else args):
             if isinstance(a, torch.Tensor):
-                ins.append(node_of(a))
+                e = live.get(id(a))
+                ins.append(e[1] if plain and e is not None and e[0]() is a else node_of(a))
             elif isinstance(a, (list, tuple)):
                 for b in a:
                     if isinstance(b, torch.Tensor):
                         ins.append(node_of(b))
-        if kwargs:
-            for a in kwargs.values():
-                if isinstance(a, torch.Tensor):
-                    ins.append(node_of(a))
-                elif isinstance(a, (list, tuple)):
-                    for b in a:
-                        if isinstance(b, torch.Tensor):
-                            ins.append(node_of(b))
         g = self.g
         n = len(g.ops)
         if self.observe_adds is not None and func in _ADD_OPS and len(ins) == 2:
             # Measured before the op runs: an in-place add overwrites its first argument.
             g.add_observations[n] = (self.observe_adds(args[0]), self.observe_adds(args[1]))
+
+        writes = self._writes.get(id(func))  # ops are long-lived singletons; their ids hash fast
+        if writes is None:
+            writes = self._writes[id(func)] = _Writes.of(func) or _NO_WRITES
+        written = ()
+        if writes is not _NO_WRITES:
+            written = writes.marked(args, kwargs)
+            hidden = writes.hidden(args) if writes.unmarked else ()
+            if written or hidden:
+                self._save_before_write(written, hidden)
 
         out = func(*args, **kwargs) if kwargs else func(*args)
 
@@ -157,7 +240,7 @@ class _Recorder(TorchDispatchMode):
         g.call.append(self.cur_call)
         if isinstance(out, torch.Tensor):
             g.is_float.append(out.is_floating_point())
-            self.bind(out, n)
+            live[id(out)] = (weakref.ref(out), n)
         else:
             first_float = False
             if isinstance(out, (list, tuple)):
@@ -165,21 +248,31 @@ class _Recorder(TorchDispatchMode):
                     if isinstance(o, torch.Tensor):
                         if i == 0:
                             first_float = o.is_floating_point()
-                        self.bind(o, n)
+                        live[id(o)] = (weakref.ref(o), n)
             g.is_float.append(first_float)
 
-        mutated = self._mutated_args.get(func)
-        if mutated is None:
-            mutated = self._mutated_args[func] = tuple(
-                i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write
-            )
-        for i in mutated:
-            t = args[i] if i < len(args) else None
-            if isinstance(t, torch.Tensor):
-                self.bind(t, n)
-                if t._is_view():
-                    self.view_writes[t.untyped_storage()._cdata] = n
+        for t in written:
+            self.bind(t, n)
+            if t._is_view():
+                self.view_writes[t.untyped_storage()._cdata] = n
         return out
+
+    def _save_before_write(self, *written: list[torch.Tensor]) -> None:
+        """Keep the value of a parameter or buffer the forward pass is about to overwrite (a BN
+        that updates its running statistics even in eval mode, a call counter), so that
+        ``trace`` can put it back: analyzing a model must not change it."""
+        for tensors in written:
+            for t in tensors:
+                base = t._base if t._is_view() else t
+                key = id(base)
+                if key not in self.saved and self.known.get(key, (CONST,))[0] in (PARAM, BUFFER):
+                    self.saved[key] = (base, base.detach().clone())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, value in self.saved.values():
+                t.copy_(value)
+        self.saved.clear()
 
     # -- module hooks -----------------------------------------------------------------------------
     def enter(self, module, args):
@@ -195,6 +288,38 @@ class _Recorder(TorchDispatchMode):
             self.cur_call = call.parent
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for the duration of one analysis. Tracing makes thousands
+    of short-lived lists and tuples, all freed by reference counting, that would otherwise trigger
+    collections scanning the whole heap (the model and every library it imported)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _model_names(model: torch.nn.Module) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
+    """One walk over the modules (it runs on every analysis): id -> (kind, qualified name) for
+    every parameter and buffer, and id -> qualified name for every module. A tensor or module
+    registered under several names keeps the first, as ``named_parameters()`` reports it."""
+    known: dict[int, tuple[str, str]] = {}
+    modules: dict[int, str] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        modules.setdefault(id(m), prefix)
+        dot = f"{prefix}." if prefix else ""
+        for attr, p in m._parameters.items():
+            if p is not None:
+                known.setdefault(id(p), (PARAM, dot + attr))
+        for attr, b in m._buffers.items():
+            if b is not None:
+                known.setdefault(id(b), (BUFFER, dot + attr))
+    return known, modules
+
+
 def trace(
     model: torch.nn.Module,
     args: tuple,
@@ -206,20 +331,16 @@ def trace(
 
     ``observe_adds(tensor)`` is applied to both tensor arguments of every add before it runs.
     The caller decides the model's mode and grad state; exceptions from the forward pass
-    propagate unchanged.
+    propagate unchanged. Parameters and buffers written during the pass (running statistics,
+    counters) are restored afterwards, also when it raises.
     """
     graph = Graph()
-    known: dict[int, tuple[str, str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        known.setdefault(id(p), (PARAM, name))
-    for name, b in model.named_buffers(remove_duplicate=False):
-        known.setdefault(id(b), (BUFFER, name))
+    known, names = _model_names(model)
     for i, t in enumerate(_iter_tensors(args)):
         known.setdefault(id(t), (INPUT, f"args[{i}]"))
     for key, value in kwargs.items():
         for t in _iter_tensors(value):
             known.setdefault(id(t), (INPUT, key))
-    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
 
     rec = _Recorder(graph, known, observe_adds)
     pre = _module_hooks.register_module_forward_pre_hook(rec.enter)
@@ -232,6 +353,7 @@ def trace(
     finally:
         pre.remove()
         post.remove()
+        rec.restore()
     for call in graph.calls:
         call.name = names.get(id(call.module))
         if call.end < 0:  # a call that raised; close it so ranges stay valid

@@ -47,7 +47,7 @@ PROTOCOLS = {
                       "a few hundred images, one epoch: checks that everything runs (tests use it)"),
     # Chosen by the pilot in results/cifar10-resnet20-cpu/README.md.
     "cpu": Protocol("cpu", TrainConfig(model="resnet20", epochs=15, subset=10_000, weight_decay=5e-3,
-                                       schedule="onecycle"), (0, 1, 2),
+                                       schedule="onecycle", epoch_test_subset=2000), (0, 1, 2),
                     "8 arms x 3 paired seeds in about 2 hours on 2 CPU cores"),
     "gpu": Protocol("gpu", TrainConfig(model="resnet56", epochs=30, weight_decay=5e-4, schedule="cosine"), (0, 1),
                     "the paper's scale: full training set, deep ResNets; several runs at once on one GPU"),

@@ -55,6 +55,10 @@ class TrainConfig:
     subset_seed: int = 0
     sync_bn: bool = False
     variance_batch: int = 256  # fixed test images for the variance ratios
+    # Test images for the accuracy of every epoch but the last (a fixed, class-balanced part of
+    # the test set; None: all of it). The last epoch, whose accuracy is the run's, always uses
+    # the whole test set. Saves most of the evaluation time of long CPU runs.
+    epoch_test_subset: int | None = None
 
     def check(self) -> None:
         resolve_policy(self.policy)  # raises with the list of policies
@@ -141,6 +145,10 @@ class Trainer:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.progress = progress and ctx.is_main
         self.log = log if ctx.is_main and log is not None else (lambda msg: None)
+        if config.sync_bn and ctx.distributed and not self.cuda:
+            raise GammaGuideError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs only on GPUs under "
+                                  "DistributedDataParallel; leave it out on the CPU (each process then normalizes "
+                                  "with the statistics of its own share of the batch)")
         if config.batch_size % ctx.world_size:
             raise GammaGuideError(f"--batch-size {config.batch_size} is not divisible by the {ctx.world_size} "
                                   f"processes; use a multiple of {ctx.world_size}")
@@ -154,6 +162,10 @@ class Trainer:
         self.train_y = data.train_y.to(self.device)
         self.test_x = data.test_x.to(self.device)
         self.test_y = data.test_y.to(self.device)
+        self.epoch_test = None
+        if config.epoch_test_subset and config.epoch_test_subset < len(data.test_y):
+            part = data.subset(None, config.epoch_test_subset, config.subset_seed)
+            self.epoch_test = (part.test_x.to(self.device), part.test_y.to(self.device))
         self.augment = Augment(self.device, channels_last=self.cuda)
 
         torch.manual_seed(config.seed)  # the initial weights: the same for every arm of a seed
@@ -290,14 +302,16 @@ class Trainer:
         return loss_sum / n, correct / n, n / seconds
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, last: bool = True) -> tuple[float, int]:
+        """(accuracy, images): on the whole test set, or the per-epoch part of it."""
+        xs, ys = (self.test_x, self.test_y) if last or self.epoch_test is None else self.epoch_test
         self.model.eval()
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for i in range(0, len(self.test_y), 1000):
-            x = self.augment.normalize(self.test_x[i:i + 1000])
+        for i in range(0, len(ys), 1000):
+            x = self.augment.normalize(xs[i:i + 1000])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                correct += (self.model(x).argmax(1) == self.test_y[i:i + 1000]).sum()
-        return int(correct) / len(self.test_y)
+                correct += (self.model(x).argmax(1) == ys[i:i + 1000]).sum()
+        return int(correct) / len(ys), len(ys)
 
     def measure(self, epoch: int, train_loss: float, train_acc: float, img_s: float) -> dict[str, Any]:
         # The epoch's mean learning rate: the step size its updates really had (the rate at the
@@ -305,8 +319,9 @@ class Trainer:
         first = epoch * self.steps_per_epoch
         factors = [self.scheduler.lr_lambdas[0](s) for s in range(first, first + self.steps_per_epoch)]
         lr = self.cfg.lr * sum(factors) / len(factors)
+        test_acc, test_images = self.evaluate(last=epoch + 1 == self.cfg.epochs)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               "test_acc": self.evaluate(), "train_images_per_s": img_s}
+               "test_acc": test_acc, "test_images": test_images, "train_images_per_s": img_s}
         row.update(mechanisms.gamma_stats(self.role_tensors, lr))
         batch = self.augment.normalize(self.test_x[: self.cfg.variance_batch])
         row["variance_ratio"] = mechanisms.variance_ratios(self.model, batch)

@@ -1,0 +1,27 @@
+"""Shared fixtures for the test suite: deterministic, CPU only, no network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# The test models are tiny; on a small shared machine several OpenMP threads per process spin
+# against each other (a resnet20 forward went from ~10 ms to seconds). One thread is faster here.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, so failures reproduce."""
+    torch.manual_seed(0)
+    yield
+
+
+def roles_of(report) -> dict[str, str]:
+    """γ parameter name -> role, for comparing a report with an expectation."""
+    return {e.param_name: e.role for e in report.entries}
+
+
+@pytest.fixture
+def roles():
+    return roles_of
