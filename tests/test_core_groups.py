@@ -47,7 +47,7 @@ class Zoo(nn.Module):
         self.conv4, self.bn4 = conv(8, 16, stride=2), nn.BatchNorm2d(16)
         self.conv5, self.bn5 = conv(16, 16), nn.BatchNorm2d(16)
         self.proj, self.proj_bn = conv(8, 16, 1, stride=2), nn.BatchNorm2d(16)
-        self.pos = nn.Parameter(torch.zeros(1, 16, 1, 1))
+        self.pos = nn.Parameter(torch.zeros(1, 16, 4, 4))  # a positional embedding: a weight
         self.frozen = nn.Linear(16, 16).requires_grad_(False)
         self.norm = nn.LayerNorm(16)
         self.fc = nn.Linear(16, 4)
@@ -252,3 +252,17 @@ def test_policies_and_roles_are_published():
     assert gg.ROLES == ("residual_last", "scale_invariant", "shortcut", "stream", "head", "unused")
     assert {"guidelines", "all", "no_norm"} <= set(gg.POLICIES)
     assert {f"only:{r}" for r in gg.ROLES if r != "unused"} <= set(gg.POLICIES)
+
+
+def test_a_per_channel_vector_kept_as_c_by_1_by_1_is_not_a_weight():
+    """torchvision's ConvNeXt stores its layer scale as C x 1 x 1; it is a scale like timm's 1-D
+    layer scale, listed apart and not decayed, while real weight tensors are decayed."""
+    import torchvision
+
+    model = torchvision.models.convnext_tiny()
+    report = gg.analyze(model, torch.randn(1, 3, 64, 64), warn=False)
+    info = {p.name: p for p in report.params}
+    scale = info["features.1.0.layer_scale"]
+    assert scale.shape == (96, 1, 1) and scale.kind == "other" and not scale.decay
+    assert info["features.1.0.block.0.weight"].kind == "weight" and info["features.1.0.block.0.weight"].decay
+    assert "features.1.0.layer_scale" in {p.name for p in report.others}

@@ -338,3 +338,14 @@ def test_epoch_test_subset_applies_to_every_epoch_but_the_last(tree, dataset):
     record = Trainer(_cfg(tree, epoch_test_subset=10), dataset, CPU, progress=False).run()
     assert [h["test_images"] for h in record.history] == [10, 30]
     assert record.test_acc == record.history[-1]["test_acc"]
+
+
+def test_torchrun_ablate_writes_each_run_once(tree, tmp_path_factory, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gammaguide",
+           "ablate", "--protocol", "smoke", "--data", f"imagefolder:{tree}", "--arms", "no_gamma,guidelines",
+           "--batch-size", "16", "--subset", "80", "--test-subset", "30", "--out", str(tmp_path), "--no-report"]
+    done = subprocess.run(cmd, env=_env(tmp_path_factory), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = _lines(tmp_path / R.RESULTS_NAME)
+    assert sorted(r["arm"] for r in lines) == ["guidelines", "no_gamma"]
+    assert {r["environment"]["world_size"] for r in lines} == {2}

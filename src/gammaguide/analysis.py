@@ -146,9 +146,11 @@ def build_report(
             kind = "beta"
         elif name.endswith("bias"):
             kind = "bias"
-        elif len(shape) >= 2:
+        elif sum(d > 1 for d in shape) >= 2:
             kind = "weight"
         else:
+            # 1-D, or a per-channel vector kept as C x 1 x 1 (torchvision's ConvNeXt layer scale,
+            # a class token): a scale like timm's 1-D layer scale, not a weight matrix.
             kind = "other"
         decay = policy.decides(kind, role) and id(p) not in skip
         if kind in ("gamma", "beta"):

@@ -16,7 +16,8 @@ KINDS = ("weight", "gamma", "beta", "bias", "other")
 class Policy:
     """Decay decisions: ``gamma`` maps each role to a decision; the rest are per kind.
 
-    ``weight`` covers every parameter with ndim >= 2 that is not a γ; ``other`` covers
+    ``weight`` covers every parameter with two or more dimensions larger than 1 that is not a γ
+    (a C x 1 x 1 layer scale is a vector); ``other`` covers
     1-D parameters that are neither a norm's γ/β nor a bias (layer scale, ReZero α).
     """
 

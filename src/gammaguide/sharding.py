@@ -41,8 +41,15 @@ def whole_parameters(model: nn.Module) -> Iterator[dict[int, tuple[int, ...]]]:
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel as FSDP
 
-    fsdp1 = [m for m in model.modules() if isinstance(m, FSDP)]
-    fsdp2 = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    fsdp1, fsdp2 = [], []
+    for m in model.modules():
+        if isinstance(m, FSDP):
+            fsdp1.append(m)
+        elif isinstance(m, FSDPModule):
+            fsdp2.append(m)
+    if not fsdp1 and not fsdp2:
+        yield {}
+        return
     flat = [m for m in fsdp1 if not getattr(m, "_use_orig_params", True)]
     if flat:
         raise GammaGuideError(
