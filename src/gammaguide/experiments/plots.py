@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import GammaGuideError
+from .report import ROLE_ORDER, mean_ratio
 
 
 def _plt():
@@ -44,81 +45,84 @@ def _colors(plt, n: int):
 def plot_experiment(exp, out: Path, suffix: str = "") -> list[tuple[str, str]]:
     """Write the plots of one experiment; returns (file name, caption) pairs."""
     plt = _plt()
-    written = []
-    arms = [a for a in exp.arms if a.accs]
     colors = dict(zip([a.arm for a in exp.arms], _colors(plt, len(exp.arms))))
+    written = []
+    for stem, caption, draw in PLOTS:
+        fig = draw(plt, exp, colors)
+        if fig is None:
+            continue
+        fig.tight_layout()
+        name = f"{stem}{suffix}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append((name, caption))
+    return written
 
-    # 1. accuracy per arm with error bars, and paired differences to no_gamma
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    ax = axes[0]
+
+def _accuracy(plt, exp, colors):
+    """Accuracy per arm with error bars, and paired differences to no_gamma."""
+    arms = [a for a in exp.arms if a.accs]
+    fig, (ax, paired_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     for i, a in enumerate(arms):
         ax.errorbar(i, 100 * a.mean, yerr=100 * (a.std or 0), fmt="o", color=colors[a.arm], capsize=4)
         ax.scatter([i] * len(a.accs), [100 * v for v in a.accs.values()], s=10, color="gray", zorder=3)
     ax.set_xticks(range(len(arms)), [a.arm for a in arms], rotation=35, ha="right")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title("accuracy per arm (mean ± sd; dots: seeds)")
-    ax = axes[1]
-    paired = [a for a in arms if "no_gamma" in a.paired and a.arm != "no_gamma"]
+    paired = [a for a in arms if "no_gamma" in a.paired]
     for i, a in enumerate(paired):
         m, se, _ = a.paired["no_gamma"]
-        ax.errorbar(i, 100 * m, yerr=100 * (se or 0), fmt="o", color=colors[a.arm], capsize=4)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(paired)), [a.arm for a in paired], rotation=35, ha="right")
-    ax.set_ylabel("accuracy − no_gamma, same seed (points)")
-    ax.set_title("paired difference to no_gamma (mean ± se)")
+        paired_ax.errorbar(i, 100 * m, yerr=100 * (se or 0), fmt="o", color=colors[a.arm], capsize=4)
+    paired_ax.axhline(0, color="black", lw=0.8)
+    paired_ax.set_xticks(range(len(paired)), [a.arm for a in paired], rotation=35, ha="right")
+    paired_ax.set_ylabel("accuracy − no_gamma, same seed (points)")
+    paired_ax.set_title("paired difference to no_gamma (mean ± se)")
     fig.suptitle(exp.label)
-    fig.tight_layout()
-    name = f"accuracy{suffix}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    written.append((name, "accuracy per arm"))
+    return fig
 
-    # 2. |γ| per role over epochs, one panel per role, a line per arm
-    roles = [r for r in ("residual_last", "scale_invariant", "shortcut", "stream", "head")
+
+def _gamma(plt, exp, colors):
+    """Mean |γ| per role over epochs: a panel per role, a line per arm."""
+    roles = [r for r in ROLE_ORDER
              if any(r in (row.get("gamma_abs") or {}) for run in exp.runs for row in run.get("history") or [])]
-    if roles:
-        fig, axes = plt.subplots(1, len(roles), figsize=(4 * len(roles), 3.6), squeeze=False)
-        for ax, role in zip(axes[0], roles):
-            for a in exp.arms:
-                x, y = _series(exp, a.arm, lambda row, r=role: (row.get("gamma_abs") or {}).get(r))
-                if x:
-                    ax.plot(x, y, color=colors[a.arm], label=a.arm, lw=1.5 if role in a.arm or a.arm in (
-                        "guidelines", "all", "no_gamma") else 1.0)
-            ax.set_title(f"mean |γ|: {role}")
-            ax.set_xlabel("epoch")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        name = f"gamma{suffix}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append((name, "mean |γ| per role over epochs"))
+    if not roles:
+        return None
+    fig, axes = plt.subplots(1, len(roles), figsize=(4 * len(roles), 3.6), squeeze=False)
+    for ax, role in zip(axes[0], roles):
+        for a in exp.arms:
+            x, y = _series(exp, a.arm, lambda row, r=role: (row.get("gamma_abs") or {}).get(r))
+            if x:
+                ax.plot(x, y, color=colors[a.arm], label=a.arm)
+        ax.set_title(f"mean |γ|: {role}")
+        ax.set_xlabel("epoch")
+    axes[0][0].legend(fontsize=7)
+    return fig
 
-    # 3. effective learning rate of scale-invariant γ (and of conv/linear weights)
+
+def _effective_lr(plt, exp, colors):
+    """lr/‖γ‖² of the scale-invariant γ, and lr/‖W‖² of the conv and linear weights."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for a in exp.arms:
-        x, y = _series(exp, a.arm, lambda row: (row.get("gamma_eff_lr") or {}).get("scale_invariant"))
-        if x:
-            axes[0].plot(x, y, color=colors[a.arm], label=a.arm)
-        x, y = _series(exp, a.arm, lambda row: row.get("weight_eff_lr"))
-        if x:
-            axes[1].plot(x, y, color=colors[a.arm], label=a.arm)
+        for ax, get in zip(axes, (lambda row: (row.get("gamma_eff_lr") or {}).get("scale_invariant"),
+                                  lambda row: row.get("weight_eff_lr"))):
+            x, y = _series(exp, a.arm, get)
+            if x:
+                ax.plot(x, y, color=colors[a.arm], label=a.arm)
     axes[0].set_title("lr / ‖γ‖², scale_invariant γ")
     axes[1].set_title("lr / ‖W‖², conv and linear weights")
     for ax in axes:
         _log_scale(ax)
         ax.set_xlabel("epoch")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    name = f"effective_lr{suffix}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    written.append((name, "effective learning rate over epochs"))
+    return fig
 
-    # 4. variance ratio at the residual additions: over epochs, and per block at the end
+
+def _variance_ratio(plt, exp, colors):
+    """var(branch)/var(skip) at the residual adds: mean over epochs, and per block at the end."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     ticks: list[str] = []
     for a in exp.arms:
-        x, y = _series(exp, a.arm, _mean_ratio)
+        x, y = _series(exp, a.arm, mean_ratio)
         if x:
             axes[0].plot(x, y, color=colors[a.arm], label=a.arm)
         blocks, values = _final_blocks(exp, a.arm)
@@ -133,17 +137,15 @@ def plot_experiment(exp, out: Path, suffix: str = "") -> list[tuple[str, str]]:
     for ax in axes:
         _log_scale(ax)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    name = f"variance_ratio{suffix}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    written.append((name, "variance ratio of residual branch to skip"))
-    return written
+    return fig
 
 
-def _mean_ratio(row: dict[str, Any]) -> float | None:
-    vals = [v for v in (row.get("variance_ratio") or {}).values() if isinstance(v, (int, float)) and v > 0]
-    return statistics.fmean(vals) if vals else None
+PLOTS = (
+    ("accuracy", "accuracy per arm", _accuracy),
+    ("gamma", "mean |γ| per role over epochs", _gamma),
+    ("effective_lr", "effective learning rate over epochs", _effective_lr),
+    ("variance_ratio", "variance ratio of residual branch to skip", _variance_ratio),
+)
 
 
 def _final_blocks(exp, arm: str) -> tuple[list[str], list[float]]:

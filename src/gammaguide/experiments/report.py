@@ -150,7 +150,7 @@ def mechanism_table(exp: Experiment) -> str:
             cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
         eff = [h["gamma_eff_lr"]["scale_invariant"] for h in finals
                if (h.get("gamma_eff_lr") or {}).get("scale_invariant") is not None]
-        ratio = [_mean_ratio(h) for h in finals]
+        ratio = [mean_ratio(h) for h in finals]
         ratio = [v for v in ratio if v is not None]
         cells.append(f"{statistics.fmean(eff):.2e}" if eff else "-")
         cells.append(f"{statistics.fmean(ratio):.3f}" if ratio else "-")
@@ -158,8 +158,10 @@ def mechanism_table(exp: Experiment) -> str:
     return "\n".join(rows)
 
 
-def _mean_ratio(row: dict[str, Any]) -> float | None:
-    vals = [v for v in (row.get("variance_ratio") or {}).values() if isinstance(v, (int, float)) and math.isfinite(v)]
+def mean_ratio(row: dict[str, Any]) -> float | None:
+    """The mean var(branch)/var(skip) over the residual adds of one history row."""
+    vals = [v for v in (row.get("variance_ratio") or {}).values()
+            if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
     return statistics.fmean(vals) if vals else None
 
 
