@@ -146,6 +146,13 @@ _NO_WRITES = _Writes()
 class _Recorder(TorchDispatchMode):
     """Appends one node per aten op to ``graph``; kept lean because it runs per op."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # PyTorch wraps a mode's __torch_dispatch__ in a Dynamo-disabling shim that costs a few
+        # microseconds per op. The traced model runs eagerly (compiled models are unwrapped
+        # first), so there is nothing for Dynamo to compile into: skip the shim.
+        return False
+
     def __init__(self, graph: Graph, known: dict[int, tuple[str, str]], observe_adds: Callable | None):
         super().__init__()
         self.g = graph
