@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import GammaGuideError
 from .inputs import describe_inputs, eval_without_side_effects, prepare_inputs, unwrap
+from .modtree import ModuleTree
 from .norms import NormFinding, find_norms
 from .ops import base_name
 from .policy import Policy, resolve_policy
@@ -32,6 +33,8 @@ class Traced:
     input_shapes: tuple[str, ...]
     # id -> whole shape, for parameters held as 1-D shards outside the trace (FSDP1).
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # ``inner``'s modules as walked after the forward pass; None: walk them when needed.
+    tree: ModuleTree | None = None
 
 
 def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
@@ -44,10 +47,11 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=No
 
 def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
     inner = unwrap(model)
-    args, kwargs = prepare_inputs(inner, example_inputs)
-    with eval_without_side_effects(inner):
+    before = ModuleTree(inner)  # one walk for every stage up to the forward pass
+    args, kwargs = prepare_inputs(inner, example_inputs, before)
+    with eval_without_side_effects(inner, before):
         try:
-            graph = trace(inner, args, kwargs, observe_adds=observe_adds)
+            graph = trace(inner, args, kwargs, observe_adds=observe_adds, modules=before.every)
         except GammaGuideError:
             raise
         except Exception as exc:  # the user's forward pass: say what we ran it with
@@ -62,9 +66,10 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
             f"the dataflow to the output cannot be traced; analyze a module whose forward returns its outputs "
             f"(for example wrap it: lambda-free nn.Module returning the logits)."
         )
-    finding = find_norms(graph, inner)
+    after = ModuleTree(inner)  # and one for every stage after it, which may have added modules
+    finding = find_norms(graph, inner, after)
     flow = Dataflow(graph, finding)
-    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)))
+    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=after)
 
 
 def _skip_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
@@ -94,9 +99,11 @@ def build_report(
     skip_list: Iterable[str] = (),
 ) -> Report:
     model, inner, flow, finding, graph = traced.model, traced.inner, traced.flow, traced.finding, traced.graph
-    inner_params = dict(inner.named_parameters(remove_duplicate=False))
+    tree = traced.tree if traced.tree is not None and traced.tree.model is inner else ModuleTree(inner)
+    outer = tree if model is inner else ModuleTree(model)
+    inner_params = dict(tree.named_parameters_all)
     module_outer = {}
-    for name, m in model.named_modules():
+    for name, m in outer.named_modules:
         module_outer.setdefault(id(m), name)
 
     # A parameter registered under several names is traced under its first one.
@@ -128,7 +135,7 @@ def build_report(
     entries: list[Entry] = []
     params: list[ParamInfo] = []
     warns = list(finding.warnings)
-    for name, p in model.named_parameters():
+    for name, p in outer.named_parameters:
         shape = traced.shapes.get(id(p), tuple(p.shape))
         role = None
         if id(p) in gamma_info:
@@ -153,8 +160,8 @@ def build_report(
             # a class token): a scale like timm's 1-D layer scale, not a weight matrix.
             kind = "other"
         decay = policy.decides(kind, role) and id(p) not in skip
-        if kind in ("gamma", "beta"):
-            warns.extend(_shared_warning(name, kind, role, decay, aliases.get(id(p), ()), inner, finding))
+        if kind in ("gamma", "beta") and len(aliases.get(id(p), ())) > 1:  # only shared ones can warn
+            warns.extend(_shared_warning(name, kind, role, decay, aliases[id(p)], inner, finding))
         if kind == "gamma":
             if id(p) in skip:
                 reason += " (in skip_list / no_weight_decay)"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import GammaGuideError
+from .modtree import ModuleTree
 from .trace import _iter_tensors
 
 DEFAULT_IMAGE_SIZE = (3, 224, 224)
@@ -35,13 +36,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return m
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype]:
-    devices = set()
-    dtype = torch.float32
-    for p in model.parameters():
-        devices.add(p.device)
-        if p.is_floating_point():
-            dtype = p.dtype
+def _model_device_dtype(params) -> tuple[torch.device | None, torch.dtype]:
+    """The one device of all parameters (None if they are on several or there are none), and
+    the dtype of the last floating-point parameter (float32 if there is none)."""
+    params = list(params)
+    devices = {p.device for p in params}
+    # Searched from the end: the last parameter is almost always floating point.
+    dtype = next((p.dtype for p in reversed(params) if p.is_floating_point()), torch.float32)
     return (devices.pop() if len(devices) == 1 else None), dtype
 
 
@@ -59,13 +60,14 @@ def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def prepare_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+def prepare_inputs(model: nn.Module, example_inputs: Any, tree: ModuleTree | None = None) -> tuple[tuple, dict]:
     """Normalize ``example_inputs`` to (args, kwargs) on the model's device.
 
     A tensor is one positional input, a tuple is the positional inputs, a dict is keyword
     inputs, and a list is passed as one positional input (as detection models expect).
+    ``tree``: the model's walked modules, when the caller has them.
     """
-    device, dtype = _model_device_dtype(model)
+    device, dtype = _model_device_dtype(tree.parameters if tree is not None else model.parameters())
     if example_inputs is None:
         size = default_input_size(model)
         if size is None:
@@ -132,11 +134,12 @@ def describe_inputs(args: tuple, kwargs: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def eval_without_side_effects(model: nn.Module) -> Iterator[None]:
+def eval_without_side_effects(model: nn.Module, tree: ModuleTree | None = None) -> Iterator[None]:
     """Trace in eval mode without gradients; afterwards every module's train/eval flag is
     exactly as before. (Buffers the forward pass writes, such as running statistics of a norm
-    that updates them in eval mode too, are put back by ``trace`` itself.)"""
-    modes = [(m, m.training) for m in model.modules()]
+    that updates them in eval mode too, are put back by ``trace`` itself.) ``tree``: the
+    model's walked modules, when the caller has them."""
+    modes = [(m, m.training) for m in (tree.modules if tree is not None else model.modules())]
     try:
         if any(training for _, training in modes):  # a model already in eval mode needs no switch
             model.eval()

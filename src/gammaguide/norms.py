@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, NORM_OPS, SCALE_OPS, SHAPE_ONLY_OPS, STAT_OPS, VIEW_OPS
+from .modtree import ModuleTree
 from .trace import BUFFER, CONST, INPUT, LEAF_KINDS, PARAM, Graph
 
 _TORCH_NORM_TYPES: tuple[type, ...] = tuple(
@@ -219,7 +220,9 @@ def _known_norm(m: nn.Module, name: str) -> NormModule:
     return nm
 
 
-def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
+def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None) -> NormFinding:
+    """``tree``: the model's walked modules (after the forward pass), when the caller has them."""
+    tree = tree if tree is not None else ModuleTree(model)
     root = root_params(graph)
     modules: dict[int, NormModule] = {}
     warnings: list[str] = []
@@ -236,7 +239,7 @@ def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
         elif cls not in NOT_NORM_CLASSES:
             undecided[key] = (m, call.name)
     # Normalizations the forward pass never ran still own a γ (its role is "unused").
-    for name, m in model.named_modules():
+    for name, m in tree.named_modules:
         if id(m) not in modules and _is_known_norm(m):
             modules[id(m)] = _known_norm(m, name)
 
@@ -309,7 +312,7 @@ def find_norms(graph: Graph, model: nn.Module) -> NormFinding:
                 continue
             if stat is None:
                 stat = _stat_derived(graph, root, in_norm_call)
-                params_1d = {n for n, q in model.named_parameters() if q.ndim <= 1}
+                params_1d = {n for n, q in tree.named_parameters if q.ndim <= 1}
             if p not in params_1d:
                 continue
             if any(stat[j] and root[j] is None for j in graph.ins[i] if j != k):

@@ -191,7 +191,12 @@ class _Recorder(TorchDispatchMode):
                 n = self.shared[kind] = self._append_leaf(t, kind)
             self.live[id(t)] = (weakref.ref(t), n)
             return n
-        n = self._append_leaf(t, kind)
+        # A parameter (or an input): the leaf appended inline, as it is for every parameter.
+        n = len(g.ops)
+        g.ops.append(kind)
+        g.ins.append(_NO_INPUTS)
+        g.call.append(self.cur_call)
+        g.is_float.append(t.is_floating_point())
         if name is not None:
             g.leaf_names[n] = name
             if kind is PARAM:
@@ -215,11 +220,13 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # This runs for every op of the forward pass: the common paths are inlined.
         live, node_of, plain = self.live, self.node_of, not self.view_writes
+        # While no write went through a view, ``node_of`` is the live node, else a new leaf.
+        miss = self._new_leaf if plain else node_of
         ins = []
         for a in ((*args, *kwargs.values()) if kwargs else args):
             if isinstance(a, torch.Tensor):
                 e = live.get(id(a))
-                ins.append(e[1] if plain and e is not None and e[0]() is a else node_of(a))
+                ins.append(e[1] if plain and e is not None and e[0]() is a else miss(a))
             elif isinstance(a, (list, tuple)):
                 for b in a:
                     if isinstance(b, torch.Tensor):
@@ -259,7 +266,8 @@ class _Recorder(TorchDispatchMode):
             g.is_float.append(first_float)
 
         for t in written:
-            self.bind(t, n)
+            if t is not out:  # an in-place op returns what it wrote into: bound above
+                self.bind(t, n)
             if t._is_view():
                 self.view_writes[t.untyped_storage()._cdata] = n
         return out
@@ -309,13 +317,16 @@ def gc_paused():
             gc.enable()
 
 
-def _model_names(model: torch.nn.Module) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
+def _model_names(
+    model: torch.nn.Module, every: list[tuple[str, torch.nn.Module]] | None = None
+) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
     """One walk over the modules (it runs on every analysis): id -> (kind, qualified name) for
     every parameter and buffer, and id -> qualified name for every module. A tensor or module
-    registered under several names keeps the first, as ``named_parameters()`` reports it."""
+    registered under several names keeps the first, as ``named_parameters()`` reports it.
+    ``every``: ``model.named_modules(remove_duplicate=False)``, when the caller has walked it."""
     known: dict[int, tuple[str, str]] = {}
     modules: dict[int, str] = {}
-    for prefix, m in model.named_modules(remove_duplicate=False):
+    for prefix, m in every if every is not None else model.named_modules(remove_duplicate=False):
         modules.setdefault(id(m), prefix)
         dot = f"{prefix}." if prefix else ""
         for attr, p in m._parameters.items():
@@ -333,16 +344,18 @@ def trace(
     kwargs: dict,
     *,
     observe_adds: Callable[[torch.Tensor], Any] | None = None,
+    modules: list[tuple[str, torch.nn.Module]] | None = None,
 ) -> Graph:
     """Run ``model(*args, **kwargs)`` once and return its dataflow graph.
 
     ``observe_adds(tensor)`` is applied to both tensor arguments of every add before it runs.
+    ``modules``: ``model.named_modules(remove_duplicate=False)``, when the caller has walked it.
     The caller decides the model's mode and grad state; exceptions from the forward pass
     propagate unchanged. Parameters and buffers written during the pass (running statistics,
     counters) are restored afterwards, also when it raises.
     """
     graph = Graph()
-    known, names = _model_names(model)
+    known, names = _model_names(model, modules)
     for i, t in enumerate(_iter_tensors(args)):
         known.setdefault(id(t), (INPUT, f"args[{i}]"))
     for key, value in kwargs.items():
