@@ -48,6 +48,13 @@ def _cfg(tree, **changes) -> TrainConfig:
     return replace(TrainConfig(data=f"imagefolder:{tree}", **TINY), **changes)
 
 
+def _why(proc: subprocess.CompletedProcess) -> str:
+    """What a failed subprocess said: torchrun puts the ranks' tracebacks far from the end."""
+    lines = proc.stderr.splitlines()
+    telling = [line for line in lines if "Error" in line or "rank" in line or "error" in line]
+    return "\n".join(telling[:80] + ["..."] + lines[-20:])
+
+
 def _env(tmp_path_factory) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env[D.CACHE_ENV] = str(tmp_path_factory.getbasetemp() / "cache")
@@ -311,10 +318,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path_factory, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "gammaguide"]
     two = subprocess.run(torchrun + common, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _why(two)
     one = subprocess.run([sys.executable, "-m", "gammaguide"] + common, env=env, capture_output=True, text=True,
                          timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.returncode == 0, _why(one)
     lines = _lines(tmp_path / R.RESULTS_NAME)
     assert [r["environment"]["world_size"] for r in lines] == [2, 1]  # rank 0 alone wrote, once
     ddp, single = lines
@@ -345,7 +352,7 @@ def test_torchrun_ablate_writes_each_run_once(tree, tmp_path_factory, tmp_path):
            "ablate", "--protocol", "smoke", "--data", f"imagefolder:{tree}", "--arms", "no_gamma,guidelines",
            "--batch-size", "16", "--subset", "80", "--test-subset", "30", "--out", str(tmp_path), "--no-report"]
     done = subprocess.run(cmd, env=_env(tmp_path_factory), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, _why(done)
     lines = _lines(tmp_path / R.RESULTS_NAME)
     assert sorted(r["arm"] for r in lines) == ["guidelines", "no_gamma"]
     assert {r["environment"]["world_size"] for r in lines} == {2}

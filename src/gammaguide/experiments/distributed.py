@@ -62,6 +62,9 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
+        # Leave together: a rank that tears down its gloo connections while a peer still uses
+        # them makes that peer's gloo thread throw, which aborts the peer (SIGABRT).
+        dist.barrier()
         dist.destroy_process_group()
 
 

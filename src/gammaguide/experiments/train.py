@@ -28,7 +28,7 @@ from ..models import create_model
 from ..policy import resolve_policy
 from . import mechanisms
 from .data import Augment, Dataset, epoch_plan
-from .distributed import DistContext, all_sum
+from .distributed import DistContext, all_sum, barrier
 from .results import run_key
 
 SCHEDULES = ("cosine", "onecycle")
@@ -341,6 +341,7 @@ class Trainer:
                     self.log(f"[{cfg.policy} seed {cfg.seed}] epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  "
                              f"train {acc:.4f}  test {row['test_acc']:.4f}  {img_s:.0f} img/s")
                     self._save(epoch + 1)
+                barrier(self.ctx)  # the other ranks wait while rank 0 evaluates and saves
         except FloatingPointError as exc:
             status, reason = "failed", str(exc)
             self.log(f"[{cfg.policy} seed {cfg.seed}] stopped: {exc}")
