@@ -39,6 +39,17 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out if visit("", model) else []
 
 
+def _first_by_id(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Each object once, under the first name it comes with (as torch's remove_duplicate=True)."""
+    seen: set[int] = set()
+    out = []
+    for name, obj in pairs:
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            out.append((name, obj))
+    return out
+
+
 class ModuleTree:
     """``model.named_modules(remove_duplicate=False)`` walked once, and what ``named_modules()``,
     ``modules()``, ``named_parameters()`` (with and without duplicates) and ``parameters()`` of
@@ -60,13 +71,7 @@ class ModuleTree:
         """As ``model.named_modules()``: each module once, under its first name."""
         if self._custom:
             return list(self.model.named_modules())
-        seen: set[int] = set()
-        out = []
-        for name, m in self.every:
-            if id(m) not in seen:
-                seen.add(id(m))
-                out.append((name, m))
-        return out
+        return _first_by_id(self.every)
 
     @cached_property
     def modules(self) -> list[nn.Module]:
@@ -82,13 +87,7 @@ class ModuleTree:
             return list(self.model.named_parameters())
         # The walk with repeats visits each module's first occurrence in the same order as the
         # walk without, so the first name of each parameter is the same in both.
-        seen: set[int] = set()
-        out = []
-        for name, p in self.named_parameters_all:
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((name, p))
-        return out
+        return _first_by_id(self.named_parameters_all)
 
     @cached_property
     def named_parameters_all(self) -> list[tuple[str, nn.Parameter]]:

@@ -25,7 +25,7 @@ from .inputs import prepare_inputs, unwrap
 from .norms import find_norms
 from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, VIEW_OPS
 from .roles import Dataflow
-from .trace import LEAF_KINDS, trace
+from .trace import trace
 
 RESULTS = ("pass", "fail", "not_applicable")
 

@@ -23,7 +23,7 @@ import torch
 from ..errors import GammaGuideError
 from ..policy import resolve_policy
 from .data import load_dataset
-from .distributed import DistContext, barrier
+from .distributed import DistContext, barrier, load_dataset_once
 from .results import RESULTS_NAME, append_line, finished_keys
 from .train import RunRecord, TrainConfig, Trainer
 
@@ -118,20 +118,18 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
     if not todo:
         return []
     # Decode (or read the cache) once here, so that workers and other ranks only read the cache.
-    if ctx.is_main:
-        load_dataset(todo[0].data, data_dir, progress=progress)
-    barrier(ctx)
+    load_dataset_once(ctx, todo[0].data, data_dir, progress=progress)
     if jobs <= 1:
         for i, cfg in enumerate(todo):
             if ctx.is_main:
                 log(f"run {i + 1}/{len(todo)}: {cfg.policy} seed {cfg.seed}")
             _run_one(cfg, out, ckpt, data_dir, ctx, progress, log)
         return todo
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
     for cfg in todo:
         queue.put(cfg)
-    workers = [ctx.Process(target=_worker, args=(queue, str(out), str(ckpt), data_dir, device, jobs), daemon=False)
+    workers = [spawn.Process(target=_worker, args=(queue, str(out), str(ckpt), data_dir, device, jobs), daemon=False)
                for _ in range(min(jobs, len(todo)))]
     for w in workers:
         queue.put(None)
@@ -162,12 +160,10 @@ def _run_one(cfg: TrainConfig, out: Path, checkpoints: Path, data_dir: str | Non
         append_line(out / RESULTS_NAME, record.to_json())
         log(f"  -> {cfg.policy} seed {cfg.seed}: failed ({record.reason})")
         return
-    if not ctx.is_main:
-        return
-    append_line(out / RESULTS_NAME, record.to_json())
-    trainer.discard_checkpoint()
-    log(f"  -> {record.arm} seed {record.seed}: {record.status}"
-        + (f", test accuracy {record.test_acc:.4f}" if record.test_acc is not None else f" ({record.reason})"))
+    trainer.save_result(record, out / RESULTS_NAME)
+    if ctx.is_main:
+        log(f"  -> {record.arm} seed {record.seed}: {record.status}"
+            + (f", test accuracy {record.test_acc:.4f}" if record.test_acc is not None else f" ({record.reason})"))
 
 
 def failed_record(cfg: TrainConfig, reason: str) -> RunRecord:

@@ -146,9 +146,8 @@ def _log(msg: str) -> None:
 
 
 def run_train(args) -> int:
-    from .data import load_dataset
-    from .distributed import barrier, init_distributed, shutdown
-    from .results import RESULTS_NAME, append_line
+    from .distributed import init_distributed, load_dataset_once, shutdown
+    from .results import RESULTS_NAME
     from .train import TrainConfig, Trainer
 
     cfg = _config_from(args, TrainConfig())
@@ -156,22 +155,15 @@ def run_train(args) -> int:
     cfg.check()
     ctx = init_distributed(args.device)
     try:
-        if ctx.is_main:
-            data = load_dataset(cfg.data, args.data_dir, progress=not args.no_progress)
-        barrier(ctx)
-        if not ctx.is_main:
-            data = load_dataset(cfg.data, args.data_dir, progress=False)
-        out = Path(args.out)
-        trainer = Trainer(cfg, data, ctx, checkpoint=out / "checkpoints" / f"{cfg.key()}.pt",
+        data = load_dataset_once(ctx, cfg.data, args.data_dir, progress=not args.no_progress)
+        results = Path(args.out) / RESULTS_NAME
+        trainer = Trainer(cfg, data, ctx, checkpoint=Path(args.out) / "checkpoints" / f"{cfg.key()}.pt",
                           progress=not args.no_progress, log=_log)
         record = trainer.run()
+        trainer.save_result(record, results)
         if ctx.is_main:
-            append_line(out / RESULTS_NAME, record.to_json())
-            trainer.discard_checkpoint()
-            if record.status == "ok":
-                _log(f"test accuracy {record.test_acc:.4f}; appended to {out / RESULTS_NAME}")
-            else:
-                _log(f"run failed: {record.reason}; recorded in {out / RESULTS_NAME}")
+            _log(f"test accuracy {record.test_acc:.4f}; appended to {results}" if record.status == "ok"
+                 else f"run failed: {record.reason}; recorded in {results}")
         return 0 if record.status == "ok" else 1
     finally:
         shutdown(ctx)

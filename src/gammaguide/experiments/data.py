@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GammaGuideError
+from .progress import bar as progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 DATA_ENV = "GAMMAGUIDE_DATA"
@@ -212,7 +213,7 @@ def _decode(item: tuple[str, int]) -> tuple[bytes | None, tuple[int, ...] | str]
 def _decode_all(items: list[tuple[Path, int]], split: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     jobs = [(str(p), y) for p, y in items]
     workers = min(8, os.cpu_count() or 1)
-    bar = _bar(len(jobs), f"decoding {split}", progress)
+    bar = progress_bar(len(jobs), f"decoding {split}", "img", progress)
     decoded = []
     with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
         for out in pool.map(_decode, jobs, chunksize=256):
@@ -248,24 +249,6 @@ class _Inline:
 
     def map(self, fn, items, chunksize=1):
         return map(fn, items)
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=0.5)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------- batches

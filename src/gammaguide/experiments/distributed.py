@@ -79,3 +79,16 @@ def all_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def load_dataset_once(ctx: DistContext, spec: str, data_dir=None, *, progress: bool = True):
+    """Rank 0 decodes the dataset (or reads its cache) first; the other ranks then read the cache
+    rather than decoding the same files at the same time."""
+    from .data import load_dataset
+
+    if ctx.is_main:
+        data = load_dataset(spec, data_dir, progress=progress)
+    barrier(ctx)
+    if not ctx.is_main:
+        data = load_dataset(spec, data_dir, progress=False)
+    return data

@@ -29,7 +29,8 @@ from ..policy import resolve_policy
 from . import mechanisms
 from .data import Augment, Dataset, epoch_plan
 from .distributed import DistContext, all_sum, barrier
-from .results import run_key
+from .progress import bar as progress_bar
+from .results import append_line, run_key
 
 SCHEDULES = ("cosine", "onecycle")
 
@@ -229,6 +230,12 @@ class Trainer:
                     "train_images": self.train_images}, tmp)
         os.replace(tmp, self.checkpoint)
 
+    def save_result(self, record: "RunRecord", results: str | os.PathLike) -> None:
+        """Rank 0 appends the finished run to the results file, then drops its checkpoint."""
+        if self.ctx.is_main:
+            append_line(results, record.to_json())
+            self.discard_checkpoint()
+
     def discard_checkpoint(self) -> None:
         if self.checkpoint is not None and self.ctx.is_main:
             self.checkpoint.unlink(missing_ok=True)
@@ -259,7 +266,8 @@ class Trainer:
         self.net.train()
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss * n, correct
         n = 0
-        bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", self.progress)
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step",
+                           self.progress and sys.stderr.isatty())
         check_every, shown = 20, 0
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
@@ -357,25 +365,3 @@ class Trainer:
             train_images_per_s=self.train_images / self.train_seconds if self.train_seconds else None,
             wall_s=time.perf_counter() - wall, environment=environment(self.device, self.ctx.world_size),
         )
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if enabled and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
-        except ImportError:
-            pass
-    return _Quiet()
-
-
-class _Quiet:
-    def update(self, k: int) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
