@@ -25,3 +25,15 @@ def roles_of(report) -> dict[str, str]:
 @pytest.fixture
 def roles():
     return roles_of
+
+
+@pytest.fixture(params=["default", "real"])
+def forward_pass(request, monkeypatch):
+    """Run a test with analyze's default pass (on meta tensors, or for real when the model needs
+    values) and again with the real pass forced, which models that need values take: both must
+    give the same answers. Use it with ``pytestmark = pytest.mark.usefixtures("forward_pass")``."""
+    if request.param == "real":
+        from gammaguide import analysis
+
+        monkeypatch.setitem(analysis.trace_model.__kwdefaults__, "on_meta", False)
+    return request.param

@@ -14,6 +14,9 @@ from torch import nn
 
 import gammaguide as gg
 
+# Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
+pytestmark = pytest.mark.usefixtures("forward_pass")
+
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import mobilenetv2, resnet as tv_resnet  # noqa: E402
 

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+
+# Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
+pytestmark = pytest.mark.usefixtures("forward_pass")
 from gammaguide import norms
 
 D = 8

@@ -35,23 +35,39 @@ class Traced:
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # ``inner``'s modules as walked after the forward pass; None: walk them when needed.
     tree: ModuleTree | None = None
+    traced_on: str = "real"  # "meta" when the forward pass ran on shapes alone (shapes.py)
 
 
-def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
+def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=None,
+                on_meta: bool | None = None) -> Traced:
+    """``on_meta``: None runs the forward pass on shapes alone and, if it needs values, again
+    for real; True or False runs it only that way. Observing adds needs values: real."""
     unwrap(model)  # a clear error for anything that is not a module, before anything walks it
+    if observe_adds is not None:
+        on_meta = False
     with whole_parameters(model) as shapes:
-        traced = _trace_whole(model, example_inputs, observe_adds=observe_adds)
+        traced = _trace_whole(model, example_inputs, observe_adds=observe_adds, on_meta=on_meta)
     traced.shapes = shapes
     return traced
 
 
-def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=None) -> Traced:
+def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=None,
+                 on_meta: bool | None = None) -> Traced:
     inner = unwrap(model)
     before = ModuleTree(inner)  # one walk for every stage up to the forward pass
     args, kwargs = prepare_inputs(inner, example_inputs, before)
     with eval_without_side_effects(inner, before):
         try:
-            graph = trace(inner, args, kwargs, observe_adds=observe_adds, modules=before.every)
+            graph, traced_on = None, "real"
+            if on_meta is None:
+                try:
+                    graph, traced_on = trace(inner, args, kwargs, modules=before.every, on_meta=True), "meta"
+                except Exception:  # the forward pass needs values (see shapes.py): run it for real
+                    pass
+            elif on_meta:
+                graph, traced_on = trace(inner, args, kwargs, modules=before.every, on_meta=True), "meta"
+            if graph is None:
+                graph = trace(inner, args, kwargs, observe_adds=observe_adds, modules=before.every)
         except GammaGuideError:
             raise
         except Exception as exc:  # the user's forward pass: say what we ran it with
@@ -69,7 +85,8 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
     after = ModuleTree(inner)  # and one for every stage after it, which may have added modules
     finding = find_norms(graph, inner, after)
     flow = Dataflow(graph, finding)
-    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=after)
+    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=after,
+                  traced_on=traced_on)
 
 
 def _skip_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
@@ -175,6 +192,7 @@ def build_report(
         warnings=tuple(warns),
         policy=policy.name,
         input_shapes=traced.input_shapes,
+        traced_on=traced.traced_on,
     )
 
 

@@ -43,6 +43,8 @@ class Report:
     warnings: tuple[str, ...]
     policy: str
     input_shapes: tuple[str, ...] = field(default=())
+    # "meta": the forward pass ran on shapes alone; "real": it needed values, so it ran for real.
+    traced_on: str = "real"
 
     @property
     def others(self) -> tuple[ParamInfo, ...]:
@@ -72,6 +74,7 @@ class Report:
         return {
             "policy": self.policy,
             "input_shapes": list(self.input_shapes),
+            "traced_on": self.traced_on,
             "counts": self.counts(),
             "entries": [asdict(e) for e in self.entries],
             "others": [p.name for p in self.others],

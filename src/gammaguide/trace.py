@@ -7,6 +7,8 @@ call each op ran in, so that later stages can collapse a normalization module
 into a single node and name the module behind every op. Nothing is attached
 to the model or to its tensors; the hooks are removed before ``trace`` returns,
 and any parameter or buffer the forward pass writes into is put back as it was.
+With ``on_meta`` the ops run on meta twins of their tensors (``shapes.py``): the
+same graph, without the arithmetic.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.nn.modules import module as _module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .ops import UNMARKED_WRITES, base_name
+from .shapes import MetaRunner
 
 # Leaf kinds: tensors that no traced op produced.
 INPUT, PARAM, BUFFER, CONST = "input", "param", "buffer", "const"
@@ -153,9 +156,11 @@ class _Recorder(TorchDispatchMode):
         # first), so there is nothing for Dynamo to compile into: skip the shim.
         return False
 
-    def __init__(self, graph: Graph, known: dict[int, tuple[str, str]], observe_adds: Callable | None):
+    def __init__(self, graph: Graph, known: dict[int, tuple[str, str]], observe_adds: Callable | None,
+                 runner: MetaRunner | None = None):
         super().__init__()
         self.g = graph
+        self.runner = runner  # runs the ops that see a meta tensor on meta twins of all their tensors
         self.known = known  # id(tensor) -> (leaf kind, name) for params, buffers, inputs
         self.live: dict[int, tuple[weakref.ref, int]] = {}
         self.cur_call = -1
@@ -223,14 +228,18 @@ class _Recorder(TorchDispatchMode):
         # While no write went through a view, ``node_of`` is the live node, else a new leaf.
         miss = self._new_leaf if plain else node_of
         ins = []
+        on_meta = False  # some argument is a meta tensor: the op runs on shapes alone
         for a in ((*args, *kwargs.values()) if kwargs else args):
             if isinstance(a, torch.Tensor):
                 e = live.get(id(a))
                 ins.append(e[1] if plain and e is not None and e[0]() is a else miss(a))
+                on_meta = on_meta or a.is_meta
             elif isinstance(a, (list, tuple)):
                 for b in a:
                     if isinstance(b, torch.Tensor):
                         ins.append(node_of(b))
+                        on_meta = on_meta or b.is_meta
+        runner = self.runner if on_meta else None
         g = self.g
         n = len(g.ops)
         if self.observe_adds is not None and func in _ADD_OPS and len(ins) == 2:
@@ -244,10 +253,13 @@ class _Recorder(TorchDispatchMode):
         if writes is not _NO_WRITES:
             written = writes.marked(args, kwargs)
             hidden = writes.hidden(args) if writes.unmarked else ()
-            if written or hidden:
+            if (written or hidden) and runner is None:  # on meta, only twins are written
                 self._save_before_write(written, hidden)
 
-        out = func(*args, **kwargs) if kwargs else func(*args)
+        if runner is not None:
+            out = runner(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs) if kwargs else func(*args)
 
         g.ops.append(func)
         g.ins.append(ins)
@@ -317,6 +329,23 @@ def gc_paused():
             gc.enable()
 
 
+@contextlib.contextmanager
+def _no_fused_fast_paths():
+    """``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run a whole block as one fused
+    op in eval mode without gradients, which hides its norms and residual additions from
+    the trace: switch that fast path off while tracing."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    enabled = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(enabled)
+
+
 def _model_names(
     model: torch.nn.Module, every: list[tuple[str, torch.nn.Module]] | None = None
 ) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
@@ -345,16 +374,22 @@ def trace(
     *,
     observe_adds: Callable[[torch.Tensor], Any] | None = None,
     modules: list[tuple[str, torch.nn.Module]] | None = None,
+    on_meta: bool = False,
 ) -> Graph:
     """Run ``model(*args, **kwargs)`` once and return its dataflow graph.
 
     ``observe_adds(tensor)`` is applied to both tensor arguments of every add before it runs.
     ``modules``: ``model.named_modules(remove_duplicate=False)``, when the caller has walked it.
+    ``on_meta``: run on shapes alone (see ``shapes.py``): the inputs are given as meta twins.
     The caller decides the model's mode and grad state; exceptions from the forward pass
     propagate unchanged. Parameters and buffers written during the pass (running statistics,
     counters) are restored afterwards, also when it raises.
     """
     graph = Graph()
+    runner = None
+    if on_meta:
+        runner = MetaRunner()
+        args, kwargs = runner.to_meta(args), runner.to_meta(kwargs)
     known, names = _model_names(model, modules)
     for i, t in enumerate(_iter_tensors(args)):
         known.setdefault(id(t), (INPUT, f"args[{i}]"))
@@ -362,11 +397,11 @@ def trace(
         for t in _iter_tensors(value):
             known.setdefault(id(t), (INPUT, key))
 
-    rec = _Recorder(graph, known, observe_adds)
+    rec = _Recorder(graph, known, observe_adds, runner)
     pre = _module_hooks.register_module_forward_pre_hook(rec.enter)
     post = _module_hooks.register_module_forward_hook(rec.leave, always_call=True)
     try:
-        with rec:
+        with rec, _no_fused_fast_paths():
             out = model(*args, **kwargs)
             graph.output_tensors = list(_iter_tensors(out))
             graph.outputs = [rec.node_of(t) for t in graph.output_tensors]

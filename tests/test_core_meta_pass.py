@@ -1,0 +1,173 @@
+"""The forward pass on shapes alone (shapes.py): same answers as a real pass, a real pass when
+the model needs values, and the shape cache."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gammaguide as gg
+from gammaguide import specs
+from gammaguide.analysis import build_report, trace_model
+from gammaguide.policy import resolve_policy
+from gammaguide.shapes import MetaRunner
+
+aten = torch.ops.aten
+
+# Architectures of every family the core supports, at small input sizes.
+PARITY = [
+    "resnet20", "resnet50", "preact_resnet18", "wrn16_4",
+    "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:efficientnet_b0",
+    "torchvision:densenet121", "torchvision:convnext_tiny", "torchvision:vit_b_16", "torchvision:swin_t",
+    "timm:resnetv2_50", "timm:vit_tiny_patch16_224", "timm:convnext_tiny",
+    "hf:bert", "hf:gpt2", "hf:llama",
+]
+
+
+def report(model, inputs, on_meta):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_report(trace_model(model, inputs, on_meta=on_meta), resolve_policy("guidelines"))
+
+
+def comparable(r: gg.Report):
+    return (
+        [(e.param_name, e.role, e.reason, e.decay) for e in r.entries],
+        [(a.module_name, a.skip_arg, a.branch_weighted, a.skip_weighted) for a in r.residual_adds],
+        [(p.name, p.kind, p.decay) for p in r.params],
+        r.warnings,
+    )
+
+
+@pytest.mark.parametrize("spec", PARITY)
+def test_meta_pass_gives_what_the_real_pass_gives(spec):
+    shape = (1, 3, 64, 64) if spec.startswith("torchvision:") and "vit" not in spec else None
+    loaded = specs.load(spec, input_shape=shape)
+    default = report(loaded.model, loaded.example_inputs, None)
+    real = report(loaded.model, loaded.example_inputs, False)
+    assert default.traced_on == "meta" and real.traced_on == "real"
+    assert default.entries
+    assert comparable(default) == comparable(real)
+
+
+class ValueDependent(nn.Module):
+    """Takes a branch by a value, as some models do (``if mask.any():``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if self.how == "branch" and h.mean() > -1e9:
+            h = torch.relu(h)
+        elif self.how == "item":
+            h = h * (1.0 + 0 * h.abs().max().item())
+        elif self.how == "numpy":
+            h = h + torch.from_numpy(h.detach().cpu().numpy() * 0)
+        return h + self.bn2(self.conv2(h))
+
+
+@pytest.mark.parametrize("how", ["branch", "item", "numpy"])
+def test_a_model_that_needs_values_is_traced_for_real(how, roles):
+    r = gg.analyze(ValueDependent(how), torch.randn(2, 3, 8, 8))
+    assert r.traced_on == "real"
+    assert roles(r) == {"bn.weight": "stream", "bn2.weight": "residual_last"}
+
+
+def test_default_pass_runs_the_model_on_meta_tensors():
+    model = ValueDependent("none")
+    seen = []
+    model.conv.register_forward_hook(lambda m, i, o: seen.append((i[0].device.type, o.device.type)))
+    r = gg.analyze(model, torch.randn(2, 3, 8, 8))
+    assert r.traced_on == "meta"
+    assert seen == [("meta", "meta")]
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the model itself is untouched
+
+
+def test_forced_real_pass_in_the_fixture_is_real(forward_pass):
+    r = gg.analyze(ValueDependent("none"), torch.randn(2, 3, 8, 8))
+    assert r.traced_on == ("meta" if forward_pass == "default" else "real")
+
+
+def test_json_says_how_the_model_was_traced():
+    r = gg.analyze(ValueDependent("branch"), torch.randn(2, 3, 8, 8))
+    assert '"traced_on": "real"' in r.to_json()
+
+
+def test_mixed_dtypes_are_sent_to_the_real_pass():
+    """A meta convolution accepts a float64 input with float32 weights; a real one refuses."""
+    with pytest.raises(gg.GammaGuideError, match="float64"):
+        gg.analyze(ValueDependent("none"), torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    model = ValueDependent("none").double()
+    assert gg.analyze(model, torch.randn(2, 3, 8, 8, dtype=torch.float64)).traced_on == "meta"
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_fast_path_does_not_hide_the_block(norm_first, forward_pass, roles):
+    """In eval mode without gradients nn.TransformerEncoderLayer runs as one fused op, norms and
+    residual adds inside: tracing switches that path off (and back on afterwards)."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    before = torch.backends.mha.get_fastpath_enabled()
+    got = roles(gg.analyze(model, torch.randn(2, 5, 16)))
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    if norm_first:  # pre-LN: every norm feeds a branch
+        assert got == {f"layers.{i}.{n}.weight": "residual_last" for i in range(2) for n in ("norm1", "norm2")}
+    else:  # post-LN: every norm is the stream, but the last feeds the output
+        expected = {f"layers.{i}.{n}.weight": "stream" for i in range(2) for n in ("norm1", "norm2")}
+        expected["layers.1.norm2.weight"] = "head"
+        assert got == expected
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def bn_args(c: int = 4, device: str = "meta"):
+    x = torch.empty(2, c, 5, 5, device=device)
+    w = torch.empty(c, device=device)
+    return (x, w, w, w, w, False, 0.1, 1e-5)
+
+
+def test_cached_outputs_are_fresh_tensors_with_the_kernels_shapes():
+    runner = MetaRunner()
+    MetaRunner._cache.clear()
+    first = runner(aten.native_batch_norm.default, bn_args(), None)
+    assert len(MetaRunner._cache) == 1
+    again = runner(aten.native_batch_norm.default, bn_args(), None)
+    assert len(MetaRunner._cache) == 1
+    assert isinstance(again, tuple) and len(again) == len(first) == 3
+    for a, b in zip(first, again):
+        assert a is not b
+        assert (a.shape, a.stride(), a.dtype, a.device.type) == (b.shape, b.stride(), b.dtype, "meta")
+    runner(aten.native_batch_norm.default, bn_args(c=6), None)  # another shape: another entry
+    assert len(MetaRunner._cache) == 2
+
+
+def test_real_arguments_get_one_twin_each_and_are_not_written():
+    runner = MetaRunner()
+    buf = torch.zeros(3)
+    out = runner(aten.add_.Tensor, (buf, torch.empty(3, device="meta")), None)
+    assert out.is_meta and out is runner.twin(buf)  # an in-place op returns the twin it wrote
+    assert torch.equal(buf, torch.zeros(3))
+
+
+def test_views_alias_their_argument_and_bypass_the_cache():
+    runner = MetaRunner()
+    x = torch.empty(4, 6, device="meta")
+    size = len(MetaRunner._cache)
+    v = runner(aten.view.default, (x, [24]), None)
+    assert v._base is x and len(MetaRunner._cache) == size
+
+
+def test_an_op_without_a_meta_kernel_raises_so_the_caller_can_run_it_for_real():
+    runner = MetaRunner()
+    with pytest.raises(Exception):
+        runner(aten.nonzero.default, (torch.empty(5, device="meta"),), None)
