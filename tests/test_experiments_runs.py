@@ -356,3 +356,13 @@ def test_torchrun_ablate_writes_each_run_once(tree, tmp_path_factory, tmp_path):
     lines = _lines(tmp_path / R.RESULTS_NAME)
     assert sorted(r["arm"] for r in lines) == ["guidelines", "no_gamma"]
     assert {r["environment"]["world_size"] for r in lines} == {2}
+
+
+def test_variance_probe_batch_is_fixed_and_class_balanced(tree, dataset):
+    """The test set is stored class by class: its first images would all be one class."""
+    a = Trainer(_cfg(tree, variance_batch=10), dataset, CPU, progress=False)
+    assert sorted(a.variance_y.tolist()) == list(range(10))
+    b = Trainer(_cfg(tree, variance_batch=10, seed=1, policy="all"), dataset, CPU, progress=False)
+    assert torch.equal(a.variance_x, b.variance_x)  # the same images for every arm and seed
+    small = Trainer(_cfg(tree, variance_batch=4), dataset, CPU, progress=False)  # fewer than the classes
+    assert len(small.variance_x) == 4

@@ -109,11 +109,17 @@ class MetaRunner:
             return {k: self.to_meta(v) for k, v in obj.items()}
         return obj
 
+    def _twin_list(self, a: list | tuple) -> list | tuple:
+        # Tensor lists (``cat``'s) become lists of twins; sizes and strides pass as they are.
+        if any(isinstance(b, torch.Tensor) for b in a):
+            return [self.twin(b) if isinstance(b, torch.Tensor) else b for b in a]
+        return a
+
     def __call__(self, func, args: tuple, kwargs: dict | None) -> Any:
         twin = self.twin
         args = tuple(
             twin(a) if isinstance(a, torch.Tensor)
-            else type(a)(twin(b) if isinstance(b, torch.Tensor) else b for b in a) if isinstance(a, (list, tuple))
+            else self._twin_list(a) if isinstance(a, (list, tuple))
             else a
             for a in args
         )
@@ -125,7 +131,8 @@ class MetaRunner:
         if not fresh:  # views and in-place ops must alias their arguments: no cache
             return func(*args, **kwargs) if kwargs else func(*args)
         try:
-            key = (func, _spec(args), _spec(tuple(kwargs.items())) if kwargs else None)
+            # The default dtype decides the result of, say, dividing integer tensors.
+            key = (func, _spec(args), _spec(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())
             hash(key)
         except TypeError:  # an argument that does not hash: run it every time
             return func(*args, **kwargs) if kwargs else func(*args)

@@ -53,8 +53,8 @@ class Dataset:
 
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "Dataset":
         """A class-balanced subset (the same for the same ``seed``, whatever the run's seed)."""
-        train = _balanced(self.train_y, n_train, seed, "train") if n_train else None
-        test = _balanced(self.test_y, n_test, seed, "test") if n_test else None
+        train = balanced_indices(self.train_y, n_train, seed, "train") if n_train else None
+        test = balanced_indices(self.test_y, n_test, seed, "test") if n_test else None
         return Dataset(
             self.name,
             self.train_x if train is None else self.train_x[train],
@@ -65,7 +65,9 @@ class Dataset:
         )
 
 
-def _balanced(labels: torch.Tensor, n: int, seed: int, split: str) -> torch.Tensor:
+def balanced_indices(labels: torch.Tensor, n: int, seed: int, split: str) -> torch.Tensor:
+    """Sorted indices of ``n`` images, an equal share of each class drawn with ``seed``; raises
+    ``GammaGuideError`` (naming ``split``) when that is impossible."""
     classes = int(labels.max()) + 1
     if n < classes or n > len(labels):
         raise GammaGuideError(f"--subset for the {split} set must be between {classes} (one image per class) and "

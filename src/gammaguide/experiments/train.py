@@ -27,7 +27,7 @@ from ..errors import GammaGuideError
 from ..models import create_model
 from ..policy import resolve_policy
 from . import mechanisms
-from .data import Augment, Dataset, epoch_plan
+from .data import Augment, Dataset, balanced_indices, epoch_plan
 from .distributed import DistContext, all_sum, barrier
 from .progress import bar as progress_bar
 from .results import append_line, run_key
@@ -55,7 +55,7 @@ class TrainConfig:
     test_subset: int | None = None
     subset_seed: int = 0
     sync_bn: bool = False
-    variance_batch: int = 256  # fixed test images for the variance ratios
+    variance_batch: int = 256  # fixed, class-balanced test images for the variance ratios
     # Test images for the accuracy of every epoch but the last (a fixed, class-balanced part of
     # the test set; None: all of it). The last epoch, whose accuracy is the run's, always uses
     # the whole test set. Saves most of the evaluation time of long CPU runs.
@@ -132,6 +132,16 @@ def environment(device: torch.device, world: int) -> dict[str, Any]:
     return env
 
 
+def _probe_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The test images whose residual variances every epoch measures: the same for every arm and
+    epoch, and class-balanced (a test set stored by class would otherwise give one class)."""
+    n = min(n, len(labels))
+    try:
+        return balanced_indices(labels, n, seed, "test")
+    except GammaGuideError:  # fewer images than classes, or a class too small: take them in order
+        return torch.arange(n)
+
+
 class Trainer:
     """The state of one run; ``run()`` trains it to the end (resuming from a checkpoint)."""
 
@@ -168,6 +178,8 @@ class Trainer:
             part = data.subset(None, config.epoch_test_subset, config.subset_seed)
             self.epoch_test = (part.test_x.to(self.device), part.test_y.to(self.device))
         self.augment = Augment(self.device, channels_last=self.cuda)
+        probe = _probe_indices(data.test_y, config.variance_batch, config.subset_seed)
+        self.variance_x, self.variance_y = self.test_x[probe.to(self.device)], self.test_y[probe.to(self.device)]
 
         torch.manual_seed(config.seed)  # the initial weights: the same for every arm of a seed
         model = create_model(config.model, num_classes=data.num_classes)
@@ -331,7 +343,7 @@ class Trainer:
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "test_acc": test_acc, "test_images": test_images, "train_images_per_s": img_s}
         row.update(mechanisms.gamma_stats(self.role_tensors, lr))
-        batch = self.augment.normalize(self.test_x[: self.cfg.variance_batch])
+        batch = self.augment.normalize(self.variance_x)
         row["variance_ratio"] = mechanisms.variance_ratios(self.model, batch)
         return row
 
