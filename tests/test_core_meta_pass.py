@@ -22,8 +22,20 @@ PARITY = [
     "resnet20", "resnet50", "preact_resnet18", "wrn16_4",
     "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:efficientnet_b0",
     "torchvision:densenet121", "torchvision:convnext_tiny", "torchvision:vit_b_16", "torchvision:swin_t",
-    "timm:resnetv2_50", "timm:vit_tiny_patch16_224", "timm:convnext_tiny",
+    "timm:resnetv2_50", "timm:vit_tiny_patch16_224", "timm:convnext_tiny", "timm:convnextv2_atto",
+    "timm:beit_base_patch16_224", "timm:eva02_tiny_patch14_224", "timm:swinv2_tiny_window8_256",
+    "timm:cait_xxs24_224", "timm:levit_128s", "timm:hrnet_w18_small", "timm:mobilenetv3_small_100",
     "hf:bert", "hf:gpt2", "hf:llama",
+]
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)
+# More Hugging Face families, built from tiny configs: (config class, model class, config keywords).
+HF_PARITY = [
+    ("T5Config", "T5EncoderModel", dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=128)),
+    ("GemmaConfig", "GemmaForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=16)),
+    ("Gemma2Config", "Gemma2ForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=16)),
+    ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=2, vocab_size=128)),
+    ("AlbertConfig", "AlbertModel", dict(TINY, embedding_size=16)),
+    ("Qwen3Config", "Qwen3ForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=16)),
 ]
 
 
@@ -51,6 +63,27 @@ def test_meta_pass_gives_what_the_real_pass_gives(spec):
     assert default.traced_on == "meta" and real.traced_on == "real"
     assert default.entries
     assert comparable(default) == comparable(real)
+
+
+@pytest.mark.parametrize(("config", "model_class", "kwargs"), HF_PARITY, ids=[m for _, m, _ in HF_PARITY])
+def test_meta_pass_gives_what_the_real_pass_gives_on_hugging_face_families(config, model_class, kwargs):
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    model = getattr(transformers, model_class)(getattr(transformers, config)(**kwargs)).eval()
+    inputs = {"input_ids": torch.randint(0, 128, (2, 12))}
+    default, real = report(model, inputs, None), report(model, inputs, False)
+    assert default.traced_on == "meta" and default.entries
+    assert comparable(default) == comparable(real)
+
+
+def test_a_model_zoo_model_that_needs_values_is_traced_for_real():
+    """timm's Sequencer runs LSTMs, which have no meta kernel."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("sequencer2d_s", num_classes=10).eval()
+    default, real = report(model, None, None), report(model, None, False)
+    assert default.traced_on == "real"
+    assert comparable(default) == comparable(real)
+    assert {e.role for e in default.entries} == {"residual_last", "head"}
 
 
 class ValueDependent(nn.Module):
