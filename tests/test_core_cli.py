@@ -144,6 +144,7 @@ def test_table_for_a_builtin(capsys):
     for e in report.entries:
         assert e.param_name in out
     assert f"{len(report.entries)} γ" in out
+    assert "traced on meta tensors" in out.splitlines()[0]
 
 
 def test_json_document(capsys):
@@ -152,6 +153,7 @@ def test_json_document(capsys):
     doc = json.loads(out)
     assert doc["model"] == "resnet20" and doc["policy"] == "guidelines" and doc["meta"] is False
     assert doc["input_shapes"] == ["args[0]: float32[2, 3, 32, 32]"]
+    assert doc["traced_on"] == "meta"
     report = gg.analyze(models.create_model("resnet20"), torch.zeros(2, 3, 32, 32))
     assert [set(e) for e in doc["entries"]] == [ENTRY_FIELDS] * len(report.entries)
     assert [(e["param_name"], e["role"], e["decay"]) for e in doc["entries"]] == [

@@ -138,7 +138,8 @@ def _rows(entries, mixed: bool) -> list[tuple[str, str, str, str]]:
 
 def _header(report, spec: str) -> str:
     inputs = ", ".join(report.input_shapes) or "no inputs"
-    return f"gammaguide inspect {spec}  ·  policy {report.policy}  ·  input {inputs}"
+    how = "traced on meta tensors" if report.traced_on == "meta" else "traced for real (the model needs values)"
+    return f"gammaguide inspect {spec}  ·  policy {report.policy}  ·  input {inputs}  ·  {how}"
 
 
 def _others_line(report, limit: int = 8) -> str | None:
