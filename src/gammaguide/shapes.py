@@ -2,9 +2,9 @@
 
 Roles come from the dataflow of the forward pass, never from its values, so ``analyze``
 runs every op on ``meta`` tensors: shape, dtype and strides, no storage and no arithmetic.
-The pass then costs the model's Python overhead and nothing else (a ResNet-50 forward
-pass that spends 30 ms in convolutions on two CPU cores), and no activation is ever
-allocated. The model is not touched: its inputs are given as meta twins, and each
+The pass then costs the model's Python overhead and none of its arithmetic (ResNet-50 at
+batch 1 on two CPU cores: about 10 ms, against 34 ms for the forward pass itself), and no
+activation is ever allocated. The model is not touched: its inputs are given as meta twins, and each
 parameter, buffer or other real tensor gets a meta twin the first time an op consumes it
 together with a meta tensor. Ops on real tensors alone (a factory, a scalar read of a
 parameter) still run for real.
@@ -130,13 +130,12 @@ class MetaRunner:
             fresh = self._fresh[id(func)] = _allocates_fresh(func)
         if not fresh:  # views and in-place ops must alias their arguments: no cache
             return func(*args, **kwargs) if kwargs else func(*args)
+        # The default dtype decides the result of, say, dividing integer tensors.
+        key = (func, _spec(args), _spec(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())
         try:
-            # The default dtype decides the result of, say, dividing integer tensors.
-            key = (func, _spec(args), _spec(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())
-            hash(key)
+            spec = self._cache.get(key)
         except TypeError:  # an argument that does not hash: run it every time
             return func(*args, **kwargs) if kwargs else func(*args)
-        spec = self._cache.get(key)
         if spec is None:
             _check_dtypes(func, args)
             out = func(*args, **kwargs) if kwargs else func(*args)
