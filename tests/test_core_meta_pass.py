@@ -204,3 +204,11 @@ def test_an_op_without_a_meta_kernel_raises_so_the_caller_can_run_it_for_real():
     runner = MetaRunner()
     with pytest.raises(Exception):
         runner(aten.nonzero.default, (torch.empty(5, device="meta"),), None)
+
+
+def test_errors_only_values_reveal_do_not_stop_the_meta_pass_but_shape_errors_do():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    r = gg.analyze(model, torch.tensor([[3, 99]]))  # 99 is beyond the table: only a real lookup fails
+    assert r.traced_on == "meta" and [e.role for e in r.entries] == ["head"]
+    with pytest.raises(gg.GammaGuideError, match=r"float32\[1, 2\].*indices"):  # a dtype error stops both
+        gg.analyze(model, torch.tensor([[0.5, 1.5]]))
