@@ -58,16 +58,7 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
     args, kwargs = prepare_inputs(inner, example_inputs, before)
     with eval_without_side_effects(inner, before):
         try:
-            graph, traced_on = None, "real"
-            if on_meta is None:
-                try:
-                    graph, traced_on = trace(inner, args, kwargs, modules=before.every, on_meta=True), "meta"
-                except Exception:  # the forward pass needs values (see shapes.py): run it for real
-                    pass
-            elif on_meta:
-                graph, traced_on = trace(inner, args, kwargs, modules=before.every, on_meta=True), "meta"
-            if graph is None:
-                graph = trace(inner, args, kwargs, observe_adds=observe_adds, modules=before.every)
+            graph, traced_on = _one_pass(inner, args, kwargs, before, observe_adds, on_meta)
         except GammaGuideError:
             raise
         except Exception as exc:  # the user's forward pass: say what we ran it with
@@ -87,6 +78,19 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
     flow = Dataflow(graph, finding)
     return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=after,
                   traced_on=traced_on)
+
+
+def _one_pass(inner: nn.Module, args: tuple, kwargs: dict, tree: ModuleTree, observe_adds,
+              on_meta: bool | None) -> tuple[Graph, str]:
+    """The traced graph, and whether it came from the meta pass or the real one."""
+    if on_meta is not False:
+        try:
+            return trace(inner, args, kwargs, modules=tree.every, on_meta=True), "meta"
+        except Exception:
+            if on_meta:
+                raise
+            # The forward pass needs values (see shapes.py): run it for real.
+    return trace(inner, args, kwargs, observe_adds=observe_adds, modules=tree.every), "real"
 
 
 def _skip_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
