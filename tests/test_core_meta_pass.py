@@ -77,7 +77,7 @@ def test_meta_pass_gives_what_the_real_pass_gives_on_hugging_face_families(confi
 
 
 def test_a_model_zoo_model_that_needs_values_is_traced_for_real():
-    """timm's Sequencer runs LSTMs, which have no meta kernel."""
+    """timm's Sequencer runs nn.LSTM, which refuses a meta input with weights on the CPU."""
     timm = pytest.importorskip("timm")
     model = timm.create_model("sequencer2d_s", num_classes=10).eval()
     default, real = report(model, None, None), report(model, None, False)
