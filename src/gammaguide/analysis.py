@@ -203,9 +203,7 @@ def build_report(
 def _shared_warning(name: str, kind: str, role: str | None, decay: bool, aliases, inner: nn.Module,
                     finding: NormFinding) -> list[str]:
     """A γ or β that is also some other module's parameter gets one decision for all its uses:
-    say so, since the other module's author may expect another."""
-    if len(aliases) < 2:
-        return []
+    say so, since the other module's author may expect another. ``aliases``: its names, two or more."""
     owned = {a: id(inner.get_submodule(a.rpartition(".")[0])) in finding.modules for a in aliases}
     others = [a for a, by_norm in owned.items() if not by_norm]
     norms = [a for a, by_norm in owned.items() if by_norm]

@@ -97,9 +97,7 @@ def _direct_params(module: nn.Module, prefix: str) -> dict[str, str]:
 
 def root_params(graph: Graph) -> list[str | None]:
     """For each node, the parameter it is a view, cast or copy of (None if it is not one)."""
-    if "root_params" not in graph.memo:
-        graph.memo["root_params"] = _root_params(graph)
-    return graph.memo["root_params"]
+    return graph.derived("root_params", _root_params)
 
 
 def _root_params(graph: Graph) -> list[str | None]:
@@ -114,9 +112,7 @@ def _root_params(graph: Graph) -> list[str | None]:
 
 def activations(graph: Graph) -> list[bool]:
     """Nodes computed by value from a model input (not from parameters, buffers or constants only)."""
-    if "activations" not in graph.memo:
-        graph.memo["activations"] = _activations(graph)
-    return graph.memo["activations"]
+    return graph.derived("activations", _activations)
 
 
 def _activations(graph: Graph) -> list[bool]:

@@ -42,10 +42,19 @@ def _allocates_fresh(func) -> bool:
     )
 
 
+def _tensor_spec(t: torch.Tensor) -> tuple:
+    return (t.shape, t.stride(), t.dtype)
+
+
+def _empty(spec: tuple) -> torch.Tensor:
+    """A new meta tensor of ``_tensor_spec``'s shape, strides and dtype."""
+    return torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=_META)
+
+
 def _spec(a: Any) -> Any:
     """A hashable stand-in for one argument: all a meta kernel can see of it."""
     if isinstance(a, torch.Tensor):
-        return (a.shape, a.stride(), a.dtype)
+        return _tensor_spec(a)
     if isinstance(a, (list, tuple)):
         return tuple(_spec(b) for b in a)
     return a
@@ -53,16 +62,16 @@ def _spec(a: Any) -> Any:
 
 def _out_spec(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
-        return (out.shape, out.stride(), out.dtype)
+        return _tensor_spec(out)
     if isinstance(out, (list, tuple)) and all(isinstance(o, torch.Tensor) or o is None for o in out):
-        return tuple(None if o is None else (o.shape, o.stride(), o.dtype) for o in out)
+        return tuple(None if o is None else _tensor_spec(o) for o in out)
     return _UNCACHEABLE
 
 
 def _rebuild(spec: Any, func_returns_list: bool) -> Any:
     if spec and isinstance(spec[0], torch.Size):  # one tensor
-        return torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=_META)
-    outs = [None if s is None else torch.empty_strided(s[0], s[1], dtype=s[2], device=_META) for s in spec]
+        return _empty(spec)
+    outs = [None if s is None else _empty(s) for s in spec]
     return outs if func_returns_list else tuple(outs)
 
 
@@ -93,8 +102,7 @@ class MetaRunner:
             return t
         e = self.twins.get(id(t))
         if e is None or e[0] is not t:
-            m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META)
-            e = self.twins[id(t)] = (t, m)
+            e = self.twins[id(t)] = (t, _empty(_tensor_spec(t)))
         return e[1]
 
     def to_meta(self, obj: Any) -> Any:

@@ -64,18 +64,27 @@ class Graph:
     def __len__(self) -> int:
         return len(self.ops)
 
+    def derived(self, key: str, compute: Callable[["Graph"], Any]) -> Any:
+        """``compute(self)``, computed once: a per-node fact several stages need."""
+        value = self.memo.get(key)
+        if value is None:
+            value = self.memo[key] = compute(self)
+        return value
+
     def op_names(self) -> list[str]:
         """Every node's op by its base name (``add_``; a leaf's kind), computed once."""
-        names = self.memo.get("op_names")
-        if names is None:
-            by_id: dict[int, str] = {}  # ops hash in Python; their ids hash in C
-            names = self.memo["op_names"] = []
-            for op in self.ops:
-                name = by_id.get(id(op))
-                if name is None:
-                    name = by_id[id(op)] = base_name(op)
-                names.append(name)
-        return names
+        return self.derived("op_names", _op_names)
+
+
+def _op_names(graph: Graph) -> list[str]:
+    by_id: dict[int, str] = {}  # ops hash in Python; their ids hash in C
+    names = []
+    for op in graph.ops:
+        name = by_id.get(id(op))
+        if name is None:
+            name = by_id[id(op)] = base_name(op)
+        names.append(name)
+    return names
 
 
 _UNKNOWN = (CONST, None)  # a tensor that is neither a parameter, a buffer nor an input
@@ -186,7 +195,6 @@ class _Recorder(TorchDispatchMode):
         return n
 
     def _new_leaf(self, t: torch.Tensor) -> int:
-        g = self.g
         kind, name = self.known.get(id(t), _UNKNOWN)
         if kind is BUFFER or kind is CONST:
             # Nothing downstream tells one buffer or constant from another (they are neither
@@ -194,19 +202,13 @@ class _Recorder(TorchDispatchMode):
             n = self.shared.get(kind, -1)
             if n < 0:
                 n = self.shared[kind] = self._append_leaf(t, kind)
-            self.live[id(t)] = (weakref.ref(t), n)
-            return n
-        # A parameter (or an input): the leaf appended inline, as it is for every parameter.
-        n = len(g.ops)
-        g.ops.append(kind)
-        g.ins.append(_NO_INPUTS)
-        g.call.append(self.cur_call)
-        g.is_float.append(t.is_floating_point())
-        if name is not None:
-            g.leaf_names[n] = name
-            if kind is PARAM:
-                g.param_nodes.setdefault(name, n)
-        self.live[id(t)] = (weakref.ref(t), n)
+        else:
+            n = self._append_leaf(t, kind)  # a parameter or an input: a node of its own
+            if name is not None:
+                self.g.leaf_names[n] = name
+                if kind is PARAM:
+                    self.g.param_nodes.setdefault(name, n)
+        self.bind(t, n)
         return n
 
     def _append_leaf(self, t: torch.Tensor, kind: str) -> int:

@@ -178,8 +178,8 @@ class Trainer:
             part = data.subset(None, config.epoch_test_subset, config.subset_seed)
             self.epoch_test = (part.test_x.to(self.device), part.test_y.to(self.device))
         self.augment = Augment(self.device, channels_last=self.cuda)
-        probe = _probe_indices(data.test_y, config.variance_batch, config.subset_seed)
-        self.variance_x, self.variance_y = self.test_x[probe.to(self.device)], self.test_y[probe.to(self.device)]
+        probe = _probe_indices(data.test_y, config.variance_batch, config.subset_seed).to(self.device)
+        self.variance_x, self.variance_y = self.test_x[probe], self.test_y[probe]
 
         torch.manual_seed(config.seed)  # the initial weights: the same for every arm of a seed
         model = create_model(config.model, num_classes=data.num_classes)
