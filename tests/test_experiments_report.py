@@ -284,3 +284,21 @@ def test_write_claims_is_what_the_command_prints(two_files, capsys):
     a, b = two_files
     assert main(["report", str(a), str(b), "--claims"]) == 0
     assert write_claims([a, b]) == capsys.readouterr().out
+
+
+def test_mechanisms_get_paired_intervals_too(tmp_path):
+    def run(arm, seed, gamma_last, ratio):
+        rec = record(arm, seed, 0.7)
+        rec["history"] = [{"epoch": 1, "gamma_abs": {"residual_last": gamma_last, "stream": 1.0},
+                           "gamma_eff_lr": {"scale_invariant": 1e-4}, "variance_ratio": {"a": ratio, "b": ratio}}]
+        return rec
+    recs = [run("no_gamma", s, 1.0 + 0.01 * s, 0.8 + 0.1 * s) for s in range(3)]
+    recs += [run("only:residual_last", s, 0.5 + 0.01 * s, (0.8 + 0.1 * s) * (1.5 - 0.5 * (s == 1))) for s in range(3)]
+    text = write_report(write(tmp_path / "r.jsonl", recs), tmp_path / "out", plots=False).read_text()
+    table = text[text.index("| arm − no_gamma |"):]
+    row = next(line for line in table.splitlines() if line.startswith("| only:residual_last"))
+    cells = row.split(" | ")
+    assert cells[1] == "**-0.500 [-0.500, -0.500]**"  # |γ| residual_last: 0.5 lower on every seed
+    assert cells[2] == "+0.000 [+0.000, +0.000]"  # |γ| stream: unchanged, not shown
+    assert cells[4].startswith("+0.300 [") and not cells[4].startswith("**")  # +0.4, 0, +0.5: not shown
+    assert "| only:residual_last | 3 | 0.510 | 1.000 | 1.00e-04 | 1.200 |" in text  # means over seeds

@@ -13,6 +13,7 @@ additions with its paired difference to ``no_gamma``; the plots follow them over
 
 from __future__ import annotations
 
+import math
 import shlex
 import statistics
 from pathlib import Path
@@ -80,38 +81,74 @@ def _final(exp: Experiment, arm: str) -> dict[int, dict[str, Any]]:
             if r.get("arm") == arm and r.get("status") == "ok" and r.get("history")}
 
 
-def _final_ratios(exp: Experiment, arm: str) -> dict[int, float]:
-    ratios = {s: mean_ratio(h) for s, h in _final(exp, arm).items()}
-    return {s: v for s, v in ratios.items() if v is not None}
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def mechanisms(exp: Experiment) -> dict[str, dict[str, dict[int, float]]]:
+    """arm -> quantity -> seed -> its value at the last epoch: mean |γ| per role, lr/‖γ‖² of the
+    scale-invariant γ, and the mean var(branch)/var(skip) over the residual adds."""
+    found: dict[str, dict[str, dict[int, float]]] = {}
+    for a in exp.arms:
+        q: dict[str, dict[int, float]] = {}
+        for seed, row in _final(exp, a.arm).items():
+            values = {f"\\|γ\\| {r}": _number((row.get("gamma_abs") or {}).get(r)) for r in ROLE_ORDER}
+            values["lr/‖γ‖² scale_invariant"] = _number((row.get("gamma_eff_lr") or {}).get("scale_invariant"))
+            values["var(branch)/var(skip)"] = mean_ratio(row)
+            for name, v in values.items():
+                if v is not None:
+                    q.setdefault(name, {})[seed] = v
+        if q:
+            found[a.arm] = q
+    return found
+
+
+def _columns(found: dict[str, dict[str, dict[int, float]]]) -> list[str]:
+    names = {n for q in found.values() for n in q}
+    order = [f"\\|γ\\| {r}" for r in ROLE_ORDER] + ["lr/‖γ‖² scale_invariant", "var(branch)/var(skip)"]
+    return [n for n in order if n in names]
+
+
+def _fmt(name: str, v: float, signed: bool = False) -> str:
+    spec = ("+" if signed else "") + (".2e" if name.startswith("lr/") else ".3f")
+    return format(v, spec)
 
 
 def mechanism_table(exp: Experiment) -> str:
-    finals = {a.arm: list(_final(exp, a.arm).values()) for a in exp.arms}
-    roles = [r for r in ROLE_ORDER if any(r in (h.get("gamma_abs") or {}) for hs in finals.values() for h in hs)]
-    head = "| arm | seeds | " + " | ".join(f"mean \\|γ\\| {r}" for r in roles) + \
-           f" | lr/‖γ‖² scale_invariant | mean var(branch)/var(skip) | its Δ vs {BASELINE} [95% CI], n |"
-    rows = [head, "|" + "---|" * (len(roles) + 5)]
-    base = _final_ratios(exp, BASELINE)
-    for a in exp.arms:
-        hs = finals[a.arm]
-        if not hs:
+    """The mechanisms at the last epoch, mean over seeds."""
+    found = mechanisms(exp)
+    cols = _columns(found)
+    rows = ["| arm | seeds | " + " | ".join(("mean " if n.startswith("\\|") else "") + n for n in cols) + " |",
+            "|" + "---|" * (len(cols) + 2)]
+    for arm, q in found.items():
+        seeds = len({s for v in q.values() for s in v})
+        rows.append(f"| {arm} | {seeds} | " + " | ".join(
+            _fmt(n, statistics.fmean(q[n].values())) if q.get(n) else "-" for n in cols) + " |")
+    return "\n".join(rows)
+
+
+def mechanism_differences(exp: Experiment) -> str:
+    """Each mechanism's paired difference to no_gamma at the last epoch, with its 95% t interval."""
+    found = mechanisms(exp)
+    base = found.get(BASELINE)
+    if not base:
+        return f"(no finished `{BASELINE}` run with a history: no differences)"
+    cols = _columns(found)
+    rows = ["| arm − no_gamma | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for arm, q in found.items():
+        if arm == BASELINE:
             continue
-        cells = [str(len(hs))]
-        for r in roles:
-            vals = [h["gamma_abs"][r] for h in hs if (h.get("gamma_abs") or {}).get(r) is not None]
-            cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
-        eff = [h["gamma_eff_lr"]["scale_invariant"] for h in hs
-               if (h.get("gamma_eff_lr") or {}).get("scale_invariant") is not None]
-        ratios = _final_ratios(exp, a.arm)
-        cells.append(f"{statistics.fmean(eff):.2e}" if eff else "-")
-        cells.append(f"{statistics.fmean(ratios.values()):.3f}" if ratios else "-")
-        if a.arm == BASELINE or not base or not ratios:
-            cells.append("-")
-        else:
-            diff = paired_difference(ratios, base)
-            text = format_difference(diff, 1.0)
-            cells.append(f"**{text}**" if diff.excludes_zero else text)
-        rows.append(f"| {a.arm} | " + " | ".join(cells) + " |")
+        cells = []
+        for n in cols:
+            d = paired_difference(q.get(n, {}), base.get(n, {}))
+            if d.n == 0:
+                cells.append("-")
+            elif not d.has_interval:
+                cells.append(f"{_fmt(n, d.mean, True)}, n=1")
+            else:
+                text = f"{_fmt(n, d.mean, True)} [{_fmt(n, d.low, True)}, {_fmt(n, d.high, True)}]"
+                cells.append(f"**{text}**" if d.excludes_zero else text)
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -148,8 +185,10 @@ def write_report(paths: str | Path | list, out: str | Path, *, plots: bool = Tru
         suffix = f"-{i + 1}" if len(experiments) > 1 else ""
         heading = f"({i + 1}) {exp.label}" if len(experiments) > 1 else exp.label
         lines += [f"## {heading}", "", f"Settings: {_settings_line(exp.settings)}; metric `{exp.metric.key}`.", "",
-                  arm_table(exp), "", "### The two mechanisms at the last epoch (mean over seeds)", "",
-                  mechanism_table(exp), ""]
+                  arm_table(exp), "", "### The two mechanisms at the last epoch", "", "Mean over seeds:", "",
+                  mechanism_table(exp), "",
+                  f"Paired difference to `{BASELINE}` [95% t interval] over the same seeds (bold: the interval "
+                  "excludes 0):", "", mechanism_differences(exp), ""]
         if plots:
             from . import plots as plotting
 
