@@ -302,3 +302,26 @@ def test_mechanisms_get_paired_intervals_too(tmp_path):
     assert cells[2] == "+0.000 [+0.000, +0.000]"  # |γ| stream: unchanged, not shown
     assert cells[4].startswith("+0.300 [") and not cells[4].startswith("**")  # +0.4, 0, +0.5: not shown
     assert "| only:residual_last | 3 | 0.510 | 1.000 | 1.00e-04 | 1.200 |" in text  # means over seeds
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MADE_BY = "<!-- made by: gammaguide report "
+
+
+# Every README that carries a generated claims table (the root README must): results READMEs of
+# other grids are checked as soon as they paste one.
+README_TABLES = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("results/*/README.md")
+                                       if MADE_BY in p.read_text())
+
+
+@pytest.mark.parametrize("readme", README_TABLES)
+def test_committed_claims_tables_are_what_the_report_makes_of_the_committed_results(readme, monkeypatch):
+    """A claims table pasted into a README is regenerated here from the results files it names: a
+    results file or report code that changes without the README fails this test."""
+    text = (ROOT / readme).read_text()
+    commands = [line[len(MADE_BY):-len(" -->")].split() for line in text.splitlines() if line.startswith(MADE_BY)]
+    assert len(commands) == 1, f"{readme} should carry exactly one generated claims table"
+    (words,) = commands
+    assert words[-1] == "--claims"
+    monkeypatch.chdir(ROOT)
+    assert write_claims(words[:-1]) in text
