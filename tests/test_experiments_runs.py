@@ -245,16 +245,16 @@ def test_report_from_a_hand_made_results_file(tmp_path):
     (exp,) = summarize(R.read_lines(path, warn=False))
     by_arm = {a.arm: a for a in exp.arms}
     g = by_arm["guidelines"]
-    assert g.mean == pytest.approx(0.785) and g.std == pytest.approx(0.0636396, rel=1e-4)
-    mean, se, n = g.paired["no_gamma"]  # differences 0.03 and 0.04
-    assert (mean, n) == (pytest.approx(0.035), 2) and se == pytest.approx(0.005)
-    assert by_arm["all"].failed == 1 and list(by_arm["all"].accs) == [0]
-    assert g.paired["all"] == (pytest.approx(0.02), None, 1)  # only seed 0 has both
+    assert g.mean == pytest.approx(0.785) and g.sd == pytest.approx(0.0636396, rel=1e-4)
+    d = g.paired["no_gamma"]  # differences 0.03 and 0.04: standard error 0.005, t(0.975, 1 df) = 12.706
+    assert (d.mean, d.n) == (pytest.approx(0.035), 2) and d.high - d.mean == pytest.approx(12.706 * 0.005, rel=1e-4)
+    assert by_arm["all"].failed == 1 and list(by_arm["all"].values) == [0]
+    assert (g.paired["all"].mean, g.paired["all"].n, g.paired["all"].low) == (pytest.approx(0.02), 1, None)
     with pytest.warns(UserWarning, match="corrupt"):
         report = write_report(path, tmp_path / "out")
     text = report.read_text()
-    assert "| guidelines | 2 | 78.50 ± 6.36 | +3.50 ± 0.50 (n=2) | +3.50 |" in text
-    assert "| all | 1 (+1 failed) | 81.00 |" in text
+    assert "| guidelines | 2 | 0 | 78.50 ± 6.36 | +3.50 [-2.85, +9.85], n=2 | +2.00, n=1: no interval (n < 2) |" in text
+    assert "| all | 1 | 1 | 81.00 |" in text
     for png in ("accuracy.png", "gamma.png", "effective_lr.png", "variance_ratio.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5000
         assert f"]({png})" in text

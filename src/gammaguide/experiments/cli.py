@@ -29,6 +29,14 @@ examples:
 """
 
 
+_REPORT_EXAMPLES = """\
+examples:
+  gammaguide report runs/grid/results.jsonl --out runs/grid
+  gammaguide report runs/a/results.jsonl runs/b/results.jsonl --out runs/both     # a column per setting
+  gammaguide report results/*/results.jsonl --claims                              # the claims table only
+"""
+
+
 def _data_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--data", required=required, metavar="SPEC",
                    help="cifar10, cifar100 (torchvision; downloaded when online), or imagefolder:PATH (a folder "
@@ -93,12 +101,18 @@ def register(sub) -> None:
     _run_options(p, defaults_from_protocol=True)
     p.set_defaults(func=run_ablate)
 
-    p = sub.add_parser("report", help="markdown table and plots from results files",
-                       description="Summarise results files: mean ± sd accuracy per arm, paired differences to "
-                                   "no_gamma and all, and plots of accuracy, |γ| per role, effective learning "
-                                   "rate and residual variance ratios.")
+    p = sub.add_parser("report", help="claims table, markdown report and plots from results files",
+                       description="Summarise one or more results files. For every setting (runs equal in all but "
+                                   "arm and seed): per arm, mean ± sd of the metric, failures, and the paired "
+                                   "difference to no_gamma and all with its 95% t interval; a claims table with "
+                                   "a verdict per claim of the paper and setting; plots of accuracy, |γ| per role, "
+                                   "effective learning rate and residual variance ratios. Several files (several "
+                                   "settings, or shards of one) make one report with a column per setting.",
+                       epilog=_REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/report.md and DIR/*.png")
+    p.add_argument("--out", metavar="DIR", help="writes DIR/report.md and DIR/*.png (with --claims: DIR/claims.md)")
+    p.add_argument("--claims", action="store_true",
+                   help="print only the claims table over every setting of the files (markdown, on stdout)")
     p.add_argument("--title", help="the report's heading")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run_report)
@@ -225,8 +239,17 @@ def _report_if_complete(configs, out: Path) -> None:
 
 
 def run_report(args) -> int:
-    from .report import write_report
+    from .report import write_claims, write_report
 
+    if args.claims:
+        if args.title:
+            raise GammaGuideError("--title is the full report's heading; --claims prints the claims table only "
+                                  "(leave out one of them)")
+        print(write_claims(args.results, args.out), end="")
+        return 0
+    if not args.out:
+        raise GammaGuideError("report needs --out DIR (where report.md and the plots go), or --claims to print "
+                              "the claims table only")
     path = write_report(args.results, args.out, plots=not args.no_plots, title=args.title)
     print(path)
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import GammaGuideError
-from .report import ROLE_ORDER, mean_ratio
+from .summary import BASELINE, ROLE_ORDER, mean_ratio
 
 
 def _plt():
@@ -45,7 +45,7 @@ def _colors(plt, n: int):
 def plot_experiment(exp, out: Path, suffix: str = "") -> list[tuple[str, str]]:
     """Write the plots of one experiment; returns (file name, caption) pairs."""
     plt = _plt()
-    colors = dict(zip([a.arm for a in exp.arms], _colors(plt, len(exp.arms))))
+    colors = dict(zip([a.arm for a in exp.arms], _colors(plt, len(exp.arms)), strict=True))
     written = []
     for stem, caption, draw in PLOTS:
         fig = draw(plt, exp, colors)
@@ -60,23 +60,30 @@ def plot_experiment(exp, out: Path, suffix: str = "") -> list[tuple[str, str]]:
 
 
 def _accuracy(plt, exp, colors):
-    """Accuracy per arm with error bars, and paired differences to no_gamma."""
-    arms = [a for a in exp.arms if a.accs]
+    """The metric per arm (mean ± sd, seeds as dots), and paired differences to no_gamma with 95% intervals."""
+    m = exp.metric
+    arms = [a for a in exp.arms if a.values]
     fig, (ax, paired_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     for i, a in enumerate(arms):
-        ax.errorbar(i, 100 * a.mean, yerr=100 * (a.std or 0), fmt="o", color=colors[a.arm], capsize=4)
-        ax.scatter([i] * len(a.accs), [100 * v for v in a.accs.values()], s=10, color="gray", zorder=3)
+        ax.errorbar(i, m.scale * a.mean, yerr=m.scale * (a.sd or 0), fmt="o", color=colors[a.arm], capsize=4)
+        ax.scatter([i] * a.n, [m.scale * v for v in a.values.values()], s=10, color="gray", zorder=3)
     ax.set_xticks(range(len(arms)), [a.arm for a in arms], rotation=35, ha="right")
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("accuracy per arm (mean ± sd; dots: seeds)")
-    paired = [a for a in arms if "no_gamma" in a.paired]
+    ax.set_ylabel(f"final {m.value_label}")
+    ax.set_title(f"{m.name} per arm (mean ± sd; dots: seeds)")
+    paired = [a for a in arms if a.paired.get(BASELINE) is not None and a.paired[BASELINE].n]
     for i, a in enumerate(paired):
-        m, se, _ = a.paired["no_gamma"]
-        paired_ax.errorbar(i, 100 * m, yerr=100 * (se or 0), fmt="o", color=colors[a.arm], capsize=4)
+        d = a.paired[BASELINE]
+        if d.has_interval:
+            paired_ax.errorbar(i, m.scale * d.mean, yerr=[[m.scale * (d.mean - d.low)], [m.scale * (d.high - d.mean)]],
+                               fmt="o", color=colors[a.arm], capsize=4)
+        else:  # one paired seed: a point with no interval (hollow)
+            paired_ax.plot(i, m.scale * d.mean, "o", mfc="none", color=colors[a.arm])
+        paired_ax.annotate(f"n={d.n}", (i, m.scale * d.mean), textcoords="offset points", xytext=(6, 0),
+                           fontsize=7, va="center")
     paired_ax.axhline(0, color="black", lw=0.8)
     paired_ax.set_xticks(range(len(paired)), [a.arm for a in paired], rotation=35, ha="right")
-    paired_ax.set_ylabel("accuracy − no_gamma, same seed (points)")
-    paired_ax.set_title("paired difference to no_gamma (mean ± se)")
+    paired_ax.set_ylabel(f"Δ vs {BASELINE} ({m.unit})")
+    paired_ax.set_title(f"paired Δ to {BASELINE}, same seeds (95% t interval)")
     fig.suptitle(exp.label)
     return fig
 
@@ -88,7 +95,7 @@ def _gamma(plt, exp, colors):
     if not roles:
         return None
     fig, axes = plt.subplots(1, len(roles), figsize=(4 * len(roles), 3.6), squeeze=False)
-    for ax, role in zip(axes[0], roles):
+    for ax, role in zip(axes[0], roles, strict=True):
         for a in exp.arms:
             x, y = _series(exp, a.arm, lambda row, r=role: (row.get("gamma_abs") or {}).get(r))
             if x:
@@ -104,7 +111,7 @@ def _effective_lr(plt, exp, colors):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for a in exp.arms:
         for ax, get in zip(axes, (lambda row: (row.get("gamma_eff_lr") or {}).get("scale_invariant"),
-                                  lambda row: row.get("weight_eff_lr"))):
+                                  lambda row: row.get("weight_eff_lr")), strict=True):
             x, y = _series(exp, a.arm, get)
             if x:
                 ax.plot(x, y, color=colors[a.arm], label=a.arm)
@@ -141,7 +148,7 @@ def _variance_ratio(plt, exp, colors):
 
 
 PLOTS = (
-    ("accuracy", "accuracy per arm", _accuracy),
+    ("accuracy", "metric per arm and paired differences with 95% intervals", _accuracy),
     ("gamma", "mean |γ| per role over epochs", _gamma),
     ("effective_lr", "effective learning rate over epochs", _effective_lr),
     ("variance_ratio", "variance ratio of residual branch to skip", _variance_ratio),

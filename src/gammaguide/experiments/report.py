@@ -1,168 +1,155 @@
-"""The ablation report, made from a results file alone: a markdown table and PNG plots.
+"""The ablation report, made from results files alone: a markdown report and PNG plots.
 
-Accuracy: per arm, mean ± standard deviation over seeds, the unpaired difference of means to
-``no_gamma`` and ``all``, and the *paired* difference to ``no_gamma`` (each seed's arm minus the
-same seed's ``no_gamma``: the same initial weights and batches, so the seed noise cancels),
-with its standard error over seeds.
+First the claims table (``claims``): each claim of the paper in each setting, a paired difference
+with its 95% t interval and a verdict. Then per setting, per arm: finished runs, failures, mean ±
+sd of the metric over seeds, and the *paired* difference to ``no_gamma`` and to ``all`` (each
+seed's arm minus the same seed's reference: the same initial weights and batches, so the seed
+noise cancels) with its 95% t interval (``stats``).
 
 Mechanisms (the paper's two analyses): mean |γ| per role and the effective learning rate
-lr/||γ||² of scale-invariant γ over epochs, and var(branch)/var(skip) at the residual
-additions over epochs, each per arm.
+lr/||γ||² of scale-invariant γ at the last epoch, and var(branch)/var(skip) at the residual
+additions with its paired difference to ``no_gamma``; the plots follow them over epochs.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shlex
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import GammaGuideError
-from .ablate import ARMS
+from .claims import claims_markdown, format_difference
 from .results import read_lines
+from .stats import paired_difference
+from .summary import ALL, BASELINE, REFERENCES, ROLE_ORDER, ArmSummary, Experiment, mean_ratio, summarize
 
-BASELINE, ALL = "no_gamma", "all"
-ROLE_ORDER = ("residual_last", "scale_invariant", "shortcut", "stream", "head")
-
-
-@dataclass
-class ArmSummary:
-    arm: str
-    accs: dict[int, float]  # seed -> final test accuracy (ok runs)
-    failed: int
-    mean: float | None
-    std: float | None
-    paired: dict[str, tuple[float, float | None, int]] = field(default_factory=dict)  # vs -> (mean, se, n)
-    unpaired: dict[str, float | None] = field(default_factory=dict)
+__all__ = ["ArmSummary", "Experiment", "ROLE_ORDER", "load", "mean_ratio", "summarize", "write_claims",
+           "write_report", "BASELINE", "ALL"]
 
 
-@dataclass
-class Experiment:
-    """The runs of one setting (everything but arm and seed equal)."""
-
-    label: str
-    settings: dict[str, Any]
-    runs: list[dict[str, Any]]
-    arms: list[ArmSummary]
-
-
-def _setting_key(rec: dict[str, Any]) -> str:
-    s = dict(rec.get("settings") or {})
-    s.pop("policy", None)
-    s.pop("seed", None)
-    return json.dumps(s, sort_keys=True)
-
-
-def _arm_order(arms: Iterable[str]) -> list[str]:
-    arms = set(arms)
-    return [a for a in ARMS if a in arms] + sorted(arms - set(ARMS))
-
-
-def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def summarize(records: list[dict[str, Any]]) -> list[Experiment]:
-    """Group records into experiments and summarise each arm. The last record of a
-    (setting, arm, seed) wins, so a results file with a rerun counts that run once."""
-    groups: dict[str, dict[tuple[str, int], dict]] = {}
-    for rec in records:
-        if "arm" not in rec or "seed" not in rec:
-            continue
-        groups.setdefault(_setting_key(rec), {})[(rec["arm"], rec["seed"])] = rec
-    experiments = []
-    for key, runs in groups.items():
-        settings = json.loads(key)
-        ok = {(a, s): r["test_acc"] for (a, s), r in runs.items()
-              if r.get("status") == "ok" and isinstance(r.get("test_acc"), (int, float))}
-        arms = []
-        for arm in _arm_order(a for a, _ in runs):
-            accs = {s: v for (a, s), v in ok.items() if a == arm}
-            mean, sd = _mean_sd(list(accs.values()))
-            summary = ArmSummary(arm, dict(sorted(accs.items())), sum(
-                1 for (a, _), r in runs.items() if a == arm and r.get("status") != "ok"), mean, sd)
-            for ref in (BASELINE, ALL):
-                if ref == arm:
-                    continue
-                ref_accs = {s: v for (a, s), v in ok.items() if a == ref}
-                diffs = [accs[s] - ref_accs[s] for s in accs if s in ref_accs]
-                if diffs:
-                    m = statistics.fmean(diffs)
-                    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-                    summary.paired[ref] = (m, se, len(diffs))
-                ref_mean = _mean_sd(list(ref_accs.values()))[0]
-                summary.unpaired[ref] = None if mean is None or ref_mean is None else mean - ref_mean
-            arms.append(summary)
-        label = f"{settings.get('model', '?')} on {settings.get('data', '?')}"
-        experiments.append(Experiment(label, settings, list(runs.values()), arms))
+def load(paths: str | Path | list) -> list[Experiment]:
+    """The experiments of one or more results files, each knowing the files its runs came from."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise GammaGuideError(f"results file not found: {', '.join(missing)}; give the results.jsonl that "
+                              f"'gammaguide ablate --out DIR' wrote (DIR/results.jsonl)")
+    records, sources = [], []
+    for p in paths:
+        lines = read_lines(p)
+        records += lines
+        sources += [str(p)] * len(lines)
+    experiments = summarize(records, sources)
+    if not experiments:
+        raise GammaGuideError(f"{', '.join(map(str, paths))} holds no runs (no line with 'arm' and 'seed'); "
+                              f"run gammaguide ablate first")
     return experiments
 
 
 # ----------------------------------------------------------------------------- markdown
 
 
-def _pct(v: float | None, signed: bool = False) -> str:
-    if v is None:
+def _value(v: float | None, scale: float) -> str:
+    return "-" if v is None else f"{scale * v:.2f}"
+
+
+def _versus(exp: Experiment, a: ArmSummary, ref: str) -> str:
+    if a.arm == ref:
         return "-"
-    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
+    diff = a.paired.get(ref)
+    text = format_difference(diff, exp.metric.scale)
+    return f"**{text}**" if diff is not None and diff.excludes_zero else text
 
 
-def _paired(p: tuple[float, float | None, int] | None) -> str:
-    if p is None:
-        return "-"
-    m, se, n = p
-    return f"{100 * m:+.2f} ± {100 * se:.2f} (n={n})" if se is not None else f"{100 * m:+.2f} (n={n})"
-
-
-def accuracy_table(exp: Experiment) -> str:
-    rows = ["| arm | runs | test acc % (mean ± sd) | paired Δ vs no_gamma (± se) | Δ vs no_gamma | "
-            "paired Δ vs all (± se) | Δ vs all |",
-            "|---|---|---|---|---|---|---|"]
+def arm_table(exp: Experiment) -> str:
+    m = exp.metric
+    rows = [f"| arm | finished runs | failed | {m.value_label} (mean ± sd) | "
+            + " | ".join(f"Δ vs {ref}, {m.unit} [95% CI], n" for ref in REFERENCES) + " |",
+            "|---|---|---|---|---|---|"]
     for a in exp.arms:
-        runs = f"{len(a.accs)}" + (f" (+{a.failed} failed)" if a.failed else "")
-        acc = "-" if a.mean is None else _pct(a.mean) + (f" ± {_pct(a.std)}" if a.std is not None else "")
-        rows.append(f"| {a.arm} | {runs} | {acc} | {_paired(a.paired.get(BASELINE))} | "
-                    f"{_pct(a.unpaired.get(BASELINE), True)} | {_paired(a.paired.get(ALL))} | "
-                    f"{_pct(a.unpaired.get(ALL), True)} |")
+        value = _value(a.mean, m.scale) + (f" ± {_value(a.sd, m.scale)}" if a.sd is not None else "")
+        rows.append(f"| {a.arm} | {a.n} | {a.failed} | {value} | "
+                    + " | ".join(_versus(exp, a, ref) for ref in REFERENCES) + " |")
     return "\n".join(rows)
 
 
-def _final(exp: Experiment, arm: str) -> list[dict[str, Any]]:
-    return [r["history"][-1] for r in exp.runs if r.get("arm") == arm and r.get("status") == "ok" and r.get("history")]
+def _final(exp: Experiment, arm: str) -> dict[int, dict[str, Any]]:
+    """seed -> the last history row of the arm's finished run."""
+    return {r["seed"]: r["history"][-1] for r in exp.runs
+            if r.get("arm") == arm and r.get("status") == "ok" and r.get("history")}
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def mechanisms(exp: Experiment) -> dict[str, dict[str, dict[int, float]]]:
+    """arm -> quantity -> seed -> its value at the last epoch: mean |γ| per role, lr/‖γ‖² of the
+    scale-invariant γ, and the mean var(branch)/var(skip) over the residual adds."""
+    found: dict[str, dict[str, dict[int, float]]] = {}
+    for a in exp.arms:
+        q: dict[str, dict[int, float]] = {}
+        for seed, row in _final(exp, a.arm).items():
+            values = {f"\\|γ\\| {r}": _number((row.get("gamma_abs") or {}).get(r)) for r in ROLE_ORDER}
+            values["lr/‖γ‖² scale_invariant"] = _number((row.get("gamma_eff_lr") or {}).get("scale_invariant"))
+            values["var(branch)/var(skip)"] = mean_ratio(row)
+            for name, v in values.items():
+                if v is not None:
+                    q.setdefault(name, {})[seed] = v
+        if q:
+            found[a.arm] = q
+    return found
+
+
+def _columns(found: dict[str, dict[str, dict[int, float]]]) -> list[str]:
+    names = {n for q in found.values() for n in q}
+    order = [f"\\|γ\\| {r}" for r in ROLE_ORDER] + ["lr/‖γ‖² scale_invariant", "var(branch)/var(skip)"]
+    return [n for n in order if n in names]
+
+
+def _fmt(name: str, v: float, signed: bool = False) -> str:
+    spec = ("+" if signed else "") + (".2e" if name.startswith("lr/") else ".3f")
+    return format(v, spec)
 
 
 def mechanism_table(exp: Experiment) -> str:
-    roles = [r for r in ROLE_ORDER if any(r in (h.get("gamma_abs") or {}) for a in exp.arms for h in _final(exp, a.arm))]
-    head = "| arm | " + " | ".join(f"mean \\|γ\\| {r}" for r in roles) + \
-           " | lr/‖γ‖² scale_invariant | mean var(branch)/var(skip) |"
-    rows = [head, "|" + "---|" * (len(roles) + 3)]
-    for a in exp.arms:
-        finals = _final(exp, a.arm)
-        if not finals:
-            continue
-        cells = []
-        for r in roles:
-            vals = [h["gamma_abs"][r] for h in finals if (h.get("gamma_abs") or {}).get(r) is not None]
-            cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
-        eff = [h["gamma_eff_lr"]["scale_invariant"] for h in finals
-               if (h.get("gamma_eff_lr") or {}).get("scale_invariant") is not None]
-        ratio = [mean_ratio(h) for h in finals]
-        ratio = [v for v in ratio if v is not None]
-        cells.append(f"{statistics.fmean(eff):.2e}" if eff else "-")
-        cells.append(f"{statistics.fmean(ratio):.3f}" if ratio else "-")
-        rows.append(f"| {a.arm} | " + " | ".join(cells) + " |")
+    """The mechanisms at the last epoch, mean over seeds."""
+    found = mechanisms(exp)
+    cols = _columns(found)
+    rows = ["| arm | seeds | " + " | ".join(("mean " if n.startswith("\\|") else "") + n for n in cols) + " |",
+            "|" + "---|" * (len(cols) + 2)]
+    for arm, q in found.items():
+        seeds = len({s for v in q.values() for s in v})
+        rows.append(f"| {arm} | {seeds} | " + " | ".join(
+            _fmt(n, statistics.fmean(q[n].values())) if q.get(n) else "-" for n in cols) + " |")
     return "\n".join(rows)
 
 
-def mean_ratio(row: dict[str, Any]) -> float | None:
-    """The mean var(branch)/var(skip) over the residual adds of one history row."""
-    vals = [v for v in (row.get("variance_ratio") or {}).values()
-            if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
-    return statistics.fmean(vals) if vals else None
+def mechanism_differences(exp: Experiment) -> str:
+    """Each mechanism's paired difference to no_gamma at the last epoch, with its 95% t interval."""
+    found = mechanisms(exp)
+    base = found.get(BASELINE)
+    if not base:
+        return f"(no finished `{BASELINE}` run with a history: no differences)"
+    cols = _columns(found)
+    rows = ["| arm − no_gamma | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for arm, q in found.items():
+        if arm == BASELINE:
+            continue
+        cells = []
+        for n in cols:
+            d = paired_difference(q.get(n, {}), base.get(n, {}))
+            if d.n == 0:
+                cells.append("-")
+            elif not d.has_interval:
+                cells.append(f"{_fmt(n, d.mean, True)}, n=1")
+            else:
+                text = f"{_fmt(n, d.mean, True)} [{_fmt(n, d.low, True)}, {_fmt(n, d.high, True)}]"
+                cells.append(f"**{text}**" if d.excludes_zero else text)
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _settings_line(s: dict[str, Any]) -> str:
@@ -171,32 +158,37 @@ def _settings_line(s: dict[str, Any]) -> str:
     return ", ".join(f"{k}={s[k]}" for k in keys if k in s and s[k] is not None)
 
 
+def _command(paths: list, out: Path | None, title: str | None, claims: bool = False) -> str:
+    words = ["gammaguide", "report", *map(str, paths)] + (["--claims"] if claims else [])
+    words += ["--out", str(out)] if out is not None else []
+    words += ["--title", title] if title else []
+    return shlex.join(words)
+
+
 def write_report(paths: str | Path | list, out: str | Path, *, plots: bool = True,
                  title: str | None = None) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from one or more results files."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise GammaGuideError(f"results file not found: {', '.join(missing)}; give the results.jsonl that "
-                              f"'gammaguide ablate --out DIR' wrote (DIR/results.jsonl)")
-    records = read_lines(paths)
-    experiments = summarize(records)
-    if not experiments:
-        raise GammaGuideError(f"{', '.join(map(str, paths))} holds no runs (no line with 'arm' and 'seed'); "
-                              f"run gammaguide ablate first")
+    experiments = load(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = sum(len(e.runs) for e in experiments)
     lines = [f"# {title or 'gammaguide ablation report'}", "",
-             f"Made by `gammaguide report {' '.join(map(str, paths))} --out {out}` from {len(records)} result lines. "
-             "Accuracy is the final test accuracy. *Paired* differences compare each seed's run with the "
-             "same seed's `no_gamma` (or `all`) run: the same initial weights, batches, crops and flips, so "
-             "most seed noise cancels; ± is the standard error over seeds. Unpaired Δ is the difference of "
-             "the means.", ""]
+             f"Made by `{_command(paths, out, title)}` from {runs} runs in {len(experiments)} setting"
+             f"{'s' * (len(experiments) > 1)}. The metric is each run's final `metric` (test accuracy unless the "
+             "record names another). *Paired* differences compare each seed's run with the same seed's reference "
+             "run (the same initial weights, batches, crops and flips, so most seed noise cancels); the interval "
+             "is the 95% t interval of their mean with n-1 degrees of freedom, n the seeds both arms finished. "
+             "With n < 2 there is no interval. A difference is shown (bold) only where its interval excludes 0.",
+             "", "## The paper's claims", "", claims_markdown(experiments), ""]
     for i, exp in enumerate(experiments):
         suffix = f"-{i + 1}" if len(experiments) > 1 else ""
-        lines += [f"## {exp.label}", "", f"Settings: {_settings_line(exp.settings)}.", "",
-                  accuracy_table(exp), "", "### The two mechanisms at the last epoch (mean over seeds)", "",
-                  mechanism_table(exp), ""]
+        heading = f"({i + 1}) {exp.label}" if len(experiments) > 1 else exp.label
+        lines += [f"## {heading}", "", f"Settings: {_settings_line(exp.settings)}; metric `{exp.metric.key}`.", "",
+                  arm_table(exp), "", "### The two mechanisms at the last epoch", "", "Mean over seeds:", "",
+                  mechanism_table(exp), "",
+                  f"Paired difference to `{BASELINE}` [95% t interval] over the same seeds (bold: the interval "
+                  "excludes 0):", "", mechanism_differences(exp), ""]
         if plots:
             from . import plots as plotting
 
@@ -205,3 +197,14 @@ def write_report(paths: str | Path | list, out: str | Path, *, plots: bool = Tru
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_claims(paths: str | Path | list, out: str | Path | None = None) -> str:
+    """The claims table over every setting of the results files (markdown); also ``out/claims.md`` if given."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    text = (f"<!-- made by: {_command(paths, Path(out) if out is not None else None, None, claims=True)} -->\n\n"
+            + claims_markdown(load(paths)) + "\n")
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "claims.md").write_text(text)
+    return text
