@@ -47,7 +47,7 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=No
         on_meta = False
     with whole_parameters(model) as shapes:
         traced = _trace_whole(model, example_inputs, observe_adds=observe_adds, on_meta=on_meta)
-    traced.shapes = shapes
+    traced.shapes = {**traced.graph.lazy_shapes, **shapes}
     return traced
 
 
@@ -157,7 +157,9 @@ def build_report(
     params: list[ParamInfo] = []
     warns = list(finding.warnings)
     for name, p in outer.named_parameters:
-        shape = traced.shapes.get(id(p), tuple(p.shape))
+        shape = traced.shapes.get(id(p))
+        if shape is None:  # an uninitialized lazy parameter the pass did not reach has none yet
+            shape = () if isinstance(p, nn.parameter.UninitializedParameter) else tuple(p.shape)
         role = None
         if id(p) in gamma_info:
             inner_name, module_name, norm_type = gamma_info[id(p)]
