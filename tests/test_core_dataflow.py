@@ -382,7 +382,7 @@ def test_hugging_face_hand_written_norms_are_known():
 
 
 def test_warning_names_an_unrecognised_norm_looking_module():
-    cls = renamed(NotANorm, "FancyNorm")
+    cls = renamed(AbsScale, "FancyNorm")  # normalizes by a statistic the behavioural rule does not know
     model = pre_ln(cls)
     with pytest.warns(UserWarning) as record:
         report = gg.analyze(model, SEQ)
@@ -394,18 +394,28 @@ def test_warning_names_an_unrecognised_norm_looking_module():
     assert {p.kind for p in report.params if p.name.endswith("norm.weight")} == {"other"}
 
 
+def test_a_norm_named_module_that_only_scales_is_no_normalization():
+    # Named like a norm, reduces nothing: an affine map (MobileBERT's NoNorm), nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = gg.analyze(pre_ln(renamed(NotANorm, "FancyNorm")), SEQ)
+    assert report.entries == () and report.warnings == ()
+
+
 def test_warning_names_a_gamma_like_parameter_outside_a_norm():
-    class Inline(nn.Module):
+    class Squashed(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc, self.scale, self.head = nn.Linear(D, D), nn.Parameter(torch.ones(D)), nn.Linear(D, 2)
 
         def forward(self, x):
             h = self.fc(x)
-            return self.head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale)
+            return self.head(self.scale * torch.tanh(h / h.std(-1, keepdim=True)))
 
-    with pytest.warns(UserWarning, match="parameter 'scale'.*multiplies a normalized tensor"):
-        report = gg.analyze(Inline(), torch.randn(2, D))
+    with pytest.warns(UserWarning) as record:
+        report = gg.analyze(Squashed(), torch.randn(2, D))
+    assert [str(w.message)[:97] for w in record] == [
+        "parameter 'scale' (in Squashed '') multiplies a tensor normalized by a statistic of an activation"]
     assert report.entries == ()
 
 

@@ -114,7 +114,7 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
                     containers.append((value, value.copy()))
                 else:
                     empty.append(value)
-            elif not value and isinstance(value, (dict, list, set)):
+            elif isinstance(value, (dict, list, set)) and not value:
                 empty.append(value)  # hook dicts, an empty cache
             else:
                 _record(value, state, seen, 0)
