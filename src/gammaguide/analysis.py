@@ -132,7 +132,18 @@ def _one_pass(inner: nn.Module, args: tuple, kwargs: dict, tree: ModuleTree, obs
     return trace(inner, args, kwargs, observe_adds=observe_adds, modules=tree.every), "real"
 
 
-def _skip_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
+def check_skip_list(skip_list: Any) -> tuple[str, ...]:
+    """``skip_list`` as a tuple of names; a bare string (which would be read letter by letter) or
+    anything but names is an error."""
+    names = None if isinstance(skip_list, str) or not isinstance(skip_list, Iterable) else tuple(skip_list)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise GammaGuideError(f"skip_list must be a list of parameter names, got "
+                              f"{'the string ' if isinstance(skip_list, str) else ''}{skip_list!r}; pass e.g. "
+                              f"skip_list=['fc.weight', 'bn1.weight']")
+    return names
+
+
+def skipped_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
     """Parameters never decayed: ``skip_list`` entries and the model's ``no_weight_decay()``
     (timm's convention). An entry matches a name exactly or as its dotted suffix."""
     names = set(skip_list)
@@ -192,7 +203,7 @@ def build_report(
             beta_ids.add(id(inner_params[b]))
 
     uses = flow.uses() if gamma_info else {}
-    skip = _skip_ids(model, inner, skip_list)
+    skip = skipped_ids(model, inner, skip_list)
 
     entries: list[Entry] = []
     params: list[ParamInfo] = []
@@ -298,6 +309,7 @@ def analyze(
     The model's train/eval flags and normalization buffers are left exactly as they were.
     """
     resolved = resolve_policy(policy, decay_bias=decay_bias, decay_beta=decay_beta)
+    skip_list = check_skip_list(skip_list)
     with gc_paused():
         report = build_report(trace_model(model, example_inputs), resolved, skip_list)
     if warn:
