@@ -95,8 +95,9 @@ def test_report_made_from_another_model(resnet20, report20):
                                                  r"'layers.0.3.conv1.weight', .* and \d+ more\); pass report="):
         gg.param_groups(other, 5e-4, report=report20)
     smaller = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16))
-    with pytest.raises(gg.GammaGuideError, match=r"it lacks the model's '0.weight', '0.bias', '1.weight' and 1 "
-                                                 r"more; it has 'conv1.weight', 'bn1.weight', 'bn1.bias' and 62 more, which the model lacks"):
+    with pytest.raises(gg.GammaGuideError, match=r"it lacks the model's '0.weight', '0.bias', '1.weight' and 1 more; "
+                                                 r"it has 'conv1.weight', 'bn1.weight', 'bn1.bias' and 62 more, which "
+                                                 r"the model lacks"):
         gg.param_groups(smaller, 5e-4, report=report20)
     # Another instance of the same architecture is the same model, parameter for parameter.
     twin = create_model("resnet20")

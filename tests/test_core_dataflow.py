@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide import norms
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
-from gammaguide import norms
 
 D = 8
 SEQ = torch.randn(2, 5, D)
@@ -370,7 +370,7 @@ def test_register_norm_class(monkeypatch, roles):
 
 
 def test_hugging_face_hand_written_norms_are_known():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide.models import create_model
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
-from gammaguide.models import create_model
 
 
 def ids_in(groups: list[dict]) -> list[int]:
