@@ -10,17 +10,31 @@ A module is a normalization when
    runs no weighted op (conv/linear/matmul/embedding), it computes a scale statistic
    (variance, standard deviation, norm, rsqrt, sqrt, or a fused norm kernel) of its input,
    and one of the module's own parameters multiplies a tensor derived from that statistic
-   (``w * (x * rsqrt(v))``), or multiplies the input before the product is multiplied or
-   divided by it (``w * x * rsqrt(v)``). That parameter is the module's γ; its own
-   parameters that are added afterwards are β.
+   (``w * (x * rsqrt(v))``, or ``x * (w / sqrt(v))``), or multiplies the input before the
+   product is multiplied or divided by it (``w * x * rsqrt(v)``). That parameter is the
+   module's γ; its own parameters that are added afterwards (or that the shift is subtracted
+   from) are β. The trace runs in eval mode, where a hand-written BatchNorm divides by its
+   running statistics, which look like constants; so a leaf module with parameters and
+   floating-point buffers that fails the rule is traced once more, alone and in training
+   mode, on meta twins of its inputs, and the rule is checked on that trace.
 
 A normalization op called functionally inside a bigger module (``F.layer_norm(x, s, w, b)``
-in a block's ``forward``) is a normalization too; its weight argument is a γ.
+in a block's ``forward``) is a normalization too; its weight argument is a γ. So is one
+written out there (``F.rms_norm`` reaches the trace decomposed: ``x * rsqrt(mean(x²)) * w``):
+an activation multiplied or divided by a statistic of an activation, then multiplied by a
+channel-vector parameter, its γ. And a channel vector that multiplies the output of a
+normalization without a γ (``BatchNorm2d(c, affine=False)``, then a scale module), with only
+views between, is that normalization's γ.
 
-Anything that looks like a normalization but fits none of these rules is reported as a
-warning naming the module: a class whose name contains "Norm" and that owns parameters
-(or has no children), or a 1-D parameter multiplying a normalized tensor outside a
-recognised normalization.
+Anything that looks like a normalization but fits none of these rules is reported as one
+warning naming it: a class whose name contains "Norm" and that owns parameters (or has no
+children), unless it reduces nothing (an elementwise affine map such as MobileBERT's
+``NoNorm``) or it computes a parameter (a weight-norm parametrization); a vector parameter
+multiplying a tensor normalized by a statistic of an activation outside every recognised
+normalization; a module that divides by statistics of its buffers in eval mode but cannot be
+traced in training mode. A scale after a recognised normalization that has its own γ (a
+layer scale, a ReZero or SkipInit gate) is no γ and no warning: it is listed with the other
+1-D parameters.
 """
 
 from __future__ import annotations
