@@ -272,3 +272,11 @@ def test_skip_list_applies_on_top_of_a_given_report(resnet20, report20):
     assert group["weight_decay"] == 0.0
     with pytest.raises(gg.GammaGuideError, match="decay_bias and decay_beta are decided when the report is made"):
         gg.param_groups(resnet20, 5e-4, report=report20, decay_beta=True)
+
+
+def test_zero_init_with_a_report_of_another_model(report20):
+    other = create_model("resnet32")
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(gg.GammaGuideError, match="report was made from another model"):
+        gg.zero_init(other, report=report20)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))

@@ -72,7 +72,7 @@ def _lr_scales(lr_scale: Any) -> dict[str, float]:
     return {r: float(f) for r, f in lr_scale.items()}
 
 
-def _check_report(report: Any, model: nn.Module) -> None:
+def check_report(report: Any, model: nn.Module) -> None:
     """``report=`` must be an analysis of this model: the same parameter names."""
     if not isinstance(report, Report):
         raise GammaGuideError(f"report must be a gammaguide.Report, got {type(report).__name__}; pass "
@@ -128,7 +128,7 @@ def param_groups(
         report = analyze(model, example_inputs, policy, decay_bias=decay_bias, decay_beta=decay_beta,
                          skip_list=skip_list)
     else:
-        _check_report(report, model)
+        check_report(report, model)
         if decay_bias is not None or decay_beta is not None:
             raise GammaGuideError("decay_bias and decay_beta are decided when the report is made: pass them to "
                                   "gammaguide.analyze(), or leave report= out")
