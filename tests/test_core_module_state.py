@@ -212,3 +212,21 @@ def test_torchvisions_anchor_generator_keeps_its_anchors():
     gg.analyze(model, X)
     assert model.anchor_generator.cell_anchors is anchors and anchors[0].device.type == "cpu"
     assert len(model(X)[1]) == 2
+
+
+def test_hooks_registered_by_forward_go_and_the_users_hooks_stay():
+    class HooksItself(Lazy):
+        def forward(self, x):
+            if not self.bn._forward_hooks:
+                self.bn.register_forward_hook(lambda m, i, o: None)
+            return super().forward(x)
+
+    model = HooksItself()
+    seen = []
+    model.conv.register_forward_hook(lambda m, i, o: seen.append(o.device.type))
+    hooks = dict(model.conv._forward_hooks)
+    gg.analyze(model, X)
+    assert not model.bn._forward_hooks and dict(model.conv._forward_hooks) == hooks
+    seen.clear()
+    model(X)
+    assert seen == ["cpu"]

@@ -34,8 +34,11 @@ _MAX_DEPTH = 8  # nested containers deeper than this are not followed
 _CONTAINERS = (dict, list, tuple, set)
 # Values that hold nothing to restore in place: skipped at once (most of a module's attributes).
 _ATOMS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size})
-# nn.Module's own dicts: their entries are parameters, buffers and submodules, recorded as they are.
-_MODULE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
+# What nn.Module.__init__ puts in every module's __dict__: its flag, its dicts of parameters,
+# buffers and submodules, and its hook dicts (almost always empty). The rest is the subclass's own.
+_INTERNALS = frozenset(vars(nn.Module()))
+_OWN_DICTS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+_HOOK_DICTS = tuple(sorted(k for k in _INTERNALS if "_hooks" in k))
 
 
 @dataclass
@@ -61,9 +64,10 @@ class ModuleState:
                 self.materialized[id(t)] = tuple(t.shape)
                 t.data = data
                 t.__class__ = cls
-        for container in self.empty:
-            if container:
-                container.clear()
+        if any(self.empty):  # in C: almost always nothing to do
+            for container in self.empty:
+                if container:
+                    container.clear()
         for container, copy in self.containers:
             if _changed(container, copy):
                 container.clear()
@@ -92,7 +96,7 @@ def _changed(container: Any, copy: Any) -> bool:
 
 def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
     """Record the state of every module in ``modules`` (repeats are fine). This runs on every
-    analysis: the common attributes are dispatched by exact type, inline."""
+    analysis, so nn.Module's own attributes are taken by name and in C where possible."""
     state = ModuleState()
     seen: set[int] = set()
     classes, attrs, containers, empty = state.classes, state.attrs, state.containers, state.empty
@@ -103,21 +107,24 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
         d = m.__dict__
         classes.append((m, type(m)))
         attrs.append((d, d.copy()))
+        for value in map(d.get, _OWN_DICTS):
+            if value:
+                containers.append((value, value.copy()))
+            elif value is not None:
+                empty.append(value)
+        hooks = list(map(d.get, _HOOK_DICTS))
+        if any(hooks):  # a registered hook: keep the contents of that module's hook dicts
+            for value in hooks:
+                _record(value, state, seen, 0)
+        else:
+            empty.extend(hooks)
+        for name in d.keys() - _INTERNALS:  # the subclass's own attributes (set difference, in C)
+            value = d[name]
+            if type(value) not in _ATOMS:
+                _record(value, state, seen, 0)
         if isinstance(m, LazyModuleMixin):
             state.uninitialized += [(t, type(t), t.data) for t in (*m._parameters.values(), *m._buffers.values())
                                     if isinstance(t, UninitializedTensorMixin)]
-        for name, value in d.items():
-            if type(value) in _ATOMS:
-                continue
-            if name in _MODULE_DICTS:
-                if value:
-                    containers.append((value, value.copy()))
-                else:
-                    empty.append(value)
-            elif isinstance(value, (dict, list, set)) and not value:
-                empty.append(value)  # hook dicts, an empty cache
-            else:
-                _record(value, state, seen, 0)
     return state
 
 
