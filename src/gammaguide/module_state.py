@@ -16,11 +16,14 @@ uninitialized: its first real forward pass initializes them as if there had been
 Only references are recorded, never tensor values: copying is a few list and dict copies per
 module. The values of tensors written in place (a counter, a cache filled with ``copy_``) are
 put back by the tracer (``trace._Recorder``), which ``ModuleState.tensors`` tells which
-tensors besides parameters and buffers are module state.
+tensors besides parameters and buffers are module state. The one exception: which parameter
+objects a module sharded by FSDP2 holds is FSDP's business (it swaps them around every forward
+pass), so those parameter dicts are left to it.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from operator import is_not
 from typing import Any, Iterable
@@ -100,6 +103,8 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
     state = ModuleState()
     seen: set[int] = set()
     classes, attrs, containers, empty = state.classes, state.attrs, state.containers, state.empty
+    modules = list(modules)
+    sharded = _fsdp2_managed(modules)
     for m in modules:
         if id(m) in seen:
             continue
@@ -107,7 +112,7 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
         d = m.__dict__
         classes.append((m, type(m)))
         attrs.append((d, d.copy()))
-        for value in map(d.get, _OWN_DICTS):
+        for value in map(d.get, _OWN_DICTS if id(m) not in sharded else _OWN_DICTS[1:]):
             if value:
                 containers.append((value, value.copy()))
             elif value is not None:
@@ -126,6 +131,17 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
             state.uninitialized += [(t, type(t), t.data) for t in (*m._parameters.values(), *m._buffers.values())
                                     if isinstance(t, UninitializedTensorMixin)]
     return state
+
+
+def _fsdp2_managed(modules: list[nn.Module]) -> set[int]:
+    """Modules whose parameters FSDP2 (``fully_shard``) registers itself: it swaps the unsharded
+    ones in before a forward pass and the sharded ones back after it, and keeps track of which are
+    in. Their parameter dicts are FSDP's to restore (``sharding.whole_parameters`` reshards)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing is sharded by it
+    cls = getattr(fsdp, "FSDPModule", None)
+    if cls is None:
+        return set()
+    return {id(sub) for m in modules if isinstance(m, cls) for sub in m.modules()}
 
 
 def _record(obj: Any, state: ModuleState, seen: set[int], depth: int) -> None:
