@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide import norms
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
-from gammaguide import norms
 
 D = 8
 SEQ = torch.randn(2, 5, D)
@@ -370,7 +370,7 @@ def test_register_norm_class(monkeypatch, roles):
 
 
 def test_hugging_face_hand_written_norms_are_known():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
@@ -382,7 +382,7 @@ def test_hugging_face_hand_written_norms_are_known():
 
 
 def test_warning_names_an_unrecognised_norm_looking_module():
-    cls = renamed(NotANorm, "FancyNorm")
+    cls = renamed(AbsScale, "FancyNorm")  # normalizes by a statistic the behavioural rule does not know
     model = pre_ln(cls)
     with pytest.warns(UserWarning) as record:
         report = gg.analyze(model, SEQ)
@@ -394,18 +394,28 @@ def test_warning_names_an_unrecognised_norm_looking_module():
     assert {p.kind for p in report.params if p.name.endswith("norm.weight")} == {"other"}
 
 
+def test_a_norm_named_module_that_only_scales_is_no_normalization():
+    # Named like a norm, reduces nothing: an affine map (MobileBERT's NoNorm), nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = gg.analyze(pre_ln(renamed(NotANorm, "FancyNorm")), SEQ)
+    assert report.entries == () and report.warnings == ()
+
+
 def test_warning_names_a_gamma_like_parameter_outside_a_norm():
-    class Inline(nn.Module):
+    class Squashed(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc, self.scale, self.head = nn.Linear(D, D), nn.Parameter(torch.ones(D)), nn.Linear(D, 2)
 
         def forward(self, x):
             h = self.fc(x)
-            return self.head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale)
+            return self.head(self.scale * torch.tanh(h / h.std(-1, keepdim=True)))
 
-    with pytest.warns(UserWarning, match="parameter 'scale'.*multiplies a normalized tensor"):
-        report = gg.analyze(Inline(), torch.randn(2, D))
+    with pytest.warns(UserWarning) as record:
+        report = gg.analyze(Squashed(), torch.randn(2, D))
+    assert [str(w.message)[:97] for w in record] == [
+        "parameter 'scale' (in Squashed '') multiplies a tensor normalized by a statistic of an activation"]
     assert report.entries == ()
 
 

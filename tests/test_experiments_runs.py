@@ -218,7 +218,7 @@ def test_results_file_survives_a_truncated_line(tmp_path):
     with open(path, "ab") as f:
         f.write(b'{"key": "b", "arm": "x", "se')  # a writer killed mid-line
     R.append_line(path, {"key": "c", "arm": "y", "seed": 0, "status": "ok", "test_acc": float("nan")})
-    with pytest.warns(UserWarning, match="r.jsonl:2"):
+    with pytest.warns(UserWarning, match=r"r.jsonl: line 2 \(corrupt or truncated\)"):
         lines = R.read_lines(path)
     assert [r["key"] for r in lines] == ["a", "c"]
     assert lines[1]["test_acc"] is None  # NaN is written as null, so every JSON reader can parse it

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide.models import create_model
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
-from gammaguide.models import create_model
 
 
 def ids_in(groups: list[dict]) -> list[int]:
@@ -191,32 +191,47 @@ def test_gamma_shared_with_another_module_is_counted_once_with_a_warning():
     assert "fc1.bias" in str(report)  # listed once, under its first name
 
 
-def test_gamma_shared_between_norms_takes_the_strongest_role_without_warning():
+class TwoNorms(nn.Module):
+    def __init__(self, tied: bool, same_role: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inner = nn.LayerNorm(4)
+        self.outer = nn.LayerNorm(4)
+        self.same_role = same_role
+        if tied:
+            self.outer.weight = self.inner.weight
+
+    def forward(self, x):
+        if self.same_role:  # both norms end a residual branch
+            h = x + self.fc(self.inner(x))
+            return self.fc(h + self.fc(self.outer(h)))
+        h = self.inner(x)
+        return self.fc(self.outer(h + self.fc(h)))
+
+
+def test_gamma_shared_between_norms_takes_the_strongest_role_and_warns_once_when_their_roles_differ():
     from gammaguide.roles import ROLE_PRIORITY
-
-    class TwoNorms(nn.Module):
-        def __init__(self, tied: bool):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-            self.inner = nn.LayerNorm(4)
-            self.outer = nn.LayerNorm(4)
-            if tied:
-                self.outer.weight = self.inner.weight
-
-        def forward(self, x):
-            h = self.inner(x)
-            return self.fc(self.outer(h + self.fc(h)))
 
     x = torch.randn(2, 4)
     untied = gg.analyze(TwoNorms(tied=False), x)
-    roles = {untied.role_of("inner.weight"), untied.role_of("outer.weight")}
-    assert len(roles) == 2  # the two uses disagree
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    roles = {"inner": untied.role_of("inner.weight"), "outer": untied.role_of("outer.weight")}
+    assert roles == {"inner": "stream", "outer": "head"}  # the two uses disagree
+    with pytest.warns(UserWarning) as record:
         tied = gg.analyze(TwoNorms(tied=True), x)
     (entry,) = tied.entries
     assert entry.param_name == "inner.weight"
-    assert entry.role == min(roles, key=ROLE_PRIORITY.index)
+    assert entry.role == min(roles.values(), key=ROLE_PRIORITY.index) == "stream"
+    assert [str(w.message) for w in record] == list(tied.warnings) and len(record) == 1
+    assert ("γ 'inner.weight' is shared by 2 normalizations whose outputs have different roles (inner: stream, "
+            "outer: head): it takes the strongest, stream, for all of them (not decayed under policy guidelines)"
+            ) in tied.warnings[0]
+
+
+def test_gamma_shared_between_norms_with_one_role_needs_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tied = gg.analyze(TwoNorms(tied=True, same_role=True), torch.randn(2, 4))
+    assert [(e.param_name, e.role) for e in tied.entries] == [("inner.weight", "residual_last")]
 
 
 # -- one set of groups, two optimizers ------------------------------------------------------------

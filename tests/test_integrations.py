@@ -105,7 +105,7 @@ def test_create_optimizer_rejects_what_it_cannot_honour(timm_resnet):
         gg.create_optimizer(model, "adamw", layer_decay=0.75, report=report)
     with pytest.raises(gg.GammaGuideError, match="no optimizer 'adamx'"):
         gg.create_optimizer(model, "adamx", report=report)
-    with pytest.raises(gg.GammaGuideError, match="weight_decay must be a number"):
+    with pytest.raises(gg.GammaGuideError, match="weight_decay must be a finite number >= 0, got -1.0"):
         gg.create_optimizer(model, "sgd", weight_decay=-1.0, report=report)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from .errors import GammaGuideError
 from .inputs import describe_inputs, eval_without_side_effects, prepare_inputs, unwrap
 from .modtree import ModuleTree
-from .norms import NormFinding, find_norms
+from .norms import NormFinding, find_norms, op_label, training_candidate
 from .ops import base_name
 from .policy import Policy, resolve_policy
 from .report import Entry, ParamInfo, Report
@@ -47,7 +47,7 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=No
         on_meta = False
     with whole_parameters(model) as shapes:
         traced = _trace_whole(model, example_inputs, observe_adds=observe_adds, on_meta=on_meta)
-    traced.shapes = shapes
+    traced.shapes = {**traced.graph.lazy_shapes, **shapes}
     return traced
 
 
@@ -56,7 +56,7 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
     inner = unwrap(model)
     before = ModuleTree(inner)  # one walk for every stage up to the forward pass
     args, kwargs = prepare_inputs(inner, example_inputs, before)
-    with eval_without_side_effects(inner, before):
+    with eval_without_side_effects(inner, before), _TrainingProbe(before) as probe:
         try:
             graph, traced_on = _one_pass(inner, args, kwargs, before, observe_adds, on_meta)
         except GammaGuideError:
@@ -64,8 +64,8 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
         except Exception as exc:  # the user's forward pass: say what we ran it with
             raise GammaGuideError(
                 f"the forward pass of {type(inner).__name__} failed with example inputs "
-                f"({', '.join(describe_inputs(args, kwargs)) or 'no inputs'}): {type(exc).__name__}: {exc}. Pass example_inputs with the shape, "
-                f"dtype and keywords the model's forward expects."
+                f"({', '.join(describe_inputs(args, kwargs)) or 'no inputs'}): {type(exc).__name__}: {exc}. "
+                f"Pass example_inputs with the shape, dtype and keywords the model's forward expects."
             ) from exc
     if not graph.outputs:
         raise GammaGuideError(
@@ -73,11 +73,50 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
             f"the dataflow to the output cannot be traced; analyze a module whose forward returns its outputs "
             f"(for example wrap it: lambda-free nn.Module returning the logits)."
         )
-    after = ModuleTree(inner)  # and one for every stage after it, which may have added modules
-    finding = find_norms(graph, inner, after)
+    after = ModuleTree(inner)  # and one for every stage after it
+    finding = find_norms(graph, inner, after, probe)
     flow = Dataflow(graph, finding)
     return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=after,
                   traced_on=traced_on)
+
+
+class _TrainingProbe:
+    """A hand-written normalization may use batch statistics only in training mode, and its
+    running statistics (constants, to the trace) in the eval-mode pass. For the few modules that
+    might be one (``norms.training_candidate``), the inputs of their first call are kept, and
+    ``probe(module)`` traces the module alone in training mode on meta twins of them (shapes
+    only; the module is left as it was, like any traced model)."""
+
+    def __init__(self, tree: ModuleTree):
+        self.candidates = [m for m in tree.modules if training_candidate(m)]
+        self.inputs: dict[int, tuple[tuple, dict]] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_TrainingProbe":
+        for m in self.candidates:
+            self.handles.append(m.register_forward_pre_hook(self._keep, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _keep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.inputs.setdefault(id(module), (args, kwargs))
+
+    def __call__(self, module: nn.Module) -> Graph | None:
+        if id(module) not in self.inputs:
+            return None
+        args, kwargs = self.inputs[id(module)]
+        training = module.training
+        try:
+            module.train()
+            with torch.no_grad():
+                return trace(module, args, kwargs, on_meta=True)
+        except Exception:  # it needs values, or fails in training mode: no evidence either way
+            return None
+        finally:
+            module.train(training)
 
 
 def _one_pass(inner: nn.Module, args: tuple, kwargs: dict, tree: ModuleTree, observe_adds,
@@ -93,7 +132,18 @@ def _one_pass(inner: nn.Module, args: tuple, kwargs: dict, tree: ModuleTree, obs
     return trace(inner, args, kwargs, observe_adds=observe_adds, modules=tree.every), "real"
 
 
-def _skip_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
+def check_skip_list(skip_list: Any) -> tuple[str, ...]:
+    """``skip_list`` as a tuple of names; a bare string (which would be read letter by letter) or
+    anything but names is an error."""
+    names = None if isinstance(skip_list, str) or not isinstance(skip_list, Iterable) else tuple(skip_list)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise GammaGuideError(f"skip_list must be a list of parameter names, got "
+                              f"{'the string ' if isinstance(skip_list, str) else ''}{skip_list!r}; pass e.g. "
+                              f"skip_list=['fc.weight', 'bn1.weight']")
+    return names
+
+
+def skipped_ids(model: nn.Module, inner: nn.Module, skip_list: Iterable[str]) -> set[int]:
     """Parameters never decayed: ``skip_list`` entries and the model's ``no_weight_decay()``
     (timm's convention). An entry matches a name exactly or as its dotted suffix."""
     names = set(skip_list)
@@ -135,36 +185,44 @@ def build_report(
     # γ and β, by id of the parameter; with their module and norm type.
     gamma_info: dict[int, tuple[str, str, str]] = {}  # id -> (traced γ name, module name, norm type)
     beta_ids: set[int] = set()
+    norms_of: dict[int, list[str]] = {}  # id -> the normalizations owning the γ, when several do
     for nm in finding.modules.values():
         for g in nm.gammas:
             pid = id(inner_params[g])
             owner = module_outer.get(id(nm.module), nm.name)
             gamma_info.setdefault(pid, (aliases[pid][0], owner, type(nm.module).__name__))
+            norms_of.setdefault(pid, []).append(nm.name)
         beta_ids.update(id(inner_params[b]) for b in nm.betas)
     for node, (g, b) in finding.functional.items():
         if g is not None and g in inner_params:
             owner = g.rsplit(".", 1)[0] if "." in g else ""
             owner_mod = inner.get_submodule(owner) if owner else inner
-            op = base_name(graph.ops[node]).removeprefix("native_").removeprefix("_")
-            gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(owner_mod), owner), f"functional {op}"))
+            label = finding.labels.get(node) or f"functional {op_label(base_name(graph.ops[node]))}"
+            gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(owner_mod), owner), label))
         if b is not None and b in inner_params:
             beta_ids.add(id(inner_params[b]))
 
     uses = flow.uses() if gamma_info else {}
-    skip = _skip_ids(model, inner, skip_list)
+    skip = skipped_ids(model, inner, skip_list)
 
     entries: list[Entry] = []
     params: list[ParamInfo] = []
     warns = list(finding.warnings)
     for name, p in outer.named_parameters:
-        shape = traced.shapes.get(id(p), tuple(p.shape))
+        shape = traced.shapes.get(id(p))
+        if shape is None:  # an uninitialized lazy parameter the pass did not reach has none yet
+            shape = () if isinstance(p, nn.parameter.UninitializedParameter) else tuple(p.shape)
         role = None
         if id(p) in gamma_info:
             inner_name, module_name, norm_type = gamma_info[id(p)]
             outcomes: dict[str, str] = {}
+            by_norm: dict[str, dict[str, str]] = {}  # the outcomes of each normalization's calls
             for u in sorted(uses.get(inner_name, ())):
                 for r, why in flow.walk(u).items():
                     outcomes.setdefault(r, why)
+                    by_norm.setdefault(flow.name(u), {}).setdefault(r, why)
+            if len(norms_of.get(id(p), ())) > 1:
+                warns.extend(_tied_warning(name, by_norm, strongest(outcomes)[0], policy))
             if inner_name in uses:
                 role, reason = strongest(outcomes)
             else:
@@ -198,6 +256,21 @@ def build_report(
         input_shapes=traced.input_shapes,
         traced_on=traced.traced_on,
     )
+
+
+def _tied_warning(name: str, by_norm: dict[str, dict[str, str]], role: str, policy: Policy) -> list[str]:
+    """One γ for several normalizations gets one role, the strongest over all their outputs: say
+    so when their outputs would have had different roles (when they agree, nothing is lost)."""
+    roles = {norm: strongest(outcomes)[0] for norm, outcomes in by_norm.items()}
+    if len(set(roles.values())) < 2:
+        return []
+    each = ", ".join(f"{norm}: {r}" for norm, r in roles.items())
+    decided = "decayed" if policy.decides("gamma", role) else "not decayed"
+    return [
+        f"γ '{name}' is shared by {len(roles)} normalizations whose outputs have different roles ({each}): it "
+        f"takes the strongest, {role}, for all of them ({decided} under policy {policy.name}). Give each "
+        f"normalization its own γ if they should be treated differently."
+    ]
 
 
 def _shared_warning(name: str, kind: str, role: str | None, decay: bool, aliases, inner: nn.Module,
@@ -236,6 +309,7 @@ def analyze(
     The model's train/eval flags and normalization buffers are left exactly as they were.
     """
     resolved = resolve_policy(policy, decay_bias=decay_bias, decay_beta=decay_beta)
+    skip_list = check_skip_list(skip_list)
     with gc_paused():
         report = build_report(trace_model(model, example_inputs), resolved, skip_list)
     if warn:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -63,7 +64,8 @@ def _run_inspect(args) -> int:
     policy = resolve_policy(args.policy)
     shape = None if args.input_shape is None else specs.parse_shape(args.input_shape)
     num_classes = _parse_num_classes(args.num_classes)
-    loaded = specs.load(args.model, input_shape=shape, meta=args.meta, num_classes=num_classes)
+    meta = args.meta or _too_large(shape)
+    loaded = specs.load(args.model, input_shape=shape, meta=meta, num_classes=num_classes)
     with warnings.catch_warnings():
         # The model's own warnings during the forward pass are not findings; ours are in the report.
         warnings.simplefilter("ignore")
@@ -71,10 +73,35 @@ def _run_inspect(args) -> int:
     if not report.entries:
         raise GammaGuideError(_no_norms_message(args.model, loaded.model, report))
     if args.json:
-        print(json.dumps({"model": args.model, "meta": bool(args.meta), **report.to_dict()}, indent=2))
+        print(json.dumps({"model": args.model, "meta": bool(meta), **report.to_dict()}, indent=2))
     else:
         _print_report(report, args.model)
     return 0
+
+
+# An example input larger than this is not allocated: the model and its input are built on the
+# meta device (as with --meta) and analyzed on shapes alone.
+MAX_INPUT_BYTES = 2**30
+
+
+def _too_large(shape: tuple[int, ...] | None) -> bool:
+    if shape is None:
+        return False
+    size = 8 * math.prod(shape)  # float32 images or int64 token ids: at most 8 bytes an element
+    if size <= MAX_INPUT_BYTES:
+        return False
+    print(f"gammaguide: note: an input of shape {','.join(map(str, shape))} would take {_bytes(size)}; building "
+          f"the model and its input on the meta device (as --meta does) to analyze it on shapes alone",
+          file=sys.stderr)
+    return True
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"
 
 
 def _parse_num_classes(text: str | None) -> int | None:
@@ -265,11 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on the command line: one line on stderr, not Python's two (with its source line)."""
+    print(f"gammaguide: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_in_one_line
+            return int(args.func(args) or 0)
     except GammaGuideError as exc:
         # One line, whatever the message: scripts grep stderr, and a wrapped message reads like two errors.
         print(f"gammaguide: error: {' '.join(str(exc).split())}", file=sys.stderr)

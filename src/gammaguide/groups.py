@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from numbers import Real
 from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from .analysis import analyze
+from .analysis import analyze, check_skip_list, skipped_ids
 from .errors import GammaGuideError
+from .inputs import unwrap
 from .policy import Policy
 from .report import Report
 from .roles import ROLES
@@ -49,6 +52,50 @@ class ParamGroup(dict):
         return super().setdefault(key, default)
 
 
+def check_rate(what: str, value: Any, hint: str) -> None:
+    """A weight decay or learning rate: a finite number >= 0 (not a bool, which Python counts as one)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise GammaGuideError(f"{what} must be a finite number >= 0, got {value!r}; pass {hint}")
+
+
+def _lr_scales(lr_scale: Any) -> dict[str, float]:
+    if lr_scale is None:
+        return {}
+    if not isinstance(lr_scale, Mapping):
+        raise GammaGuideError(f"lr_scale must be a mapping from role to a learning-rate factor, got "
+                              f"{type(lr_scale).__name__} {lr_scale!r}; pass e.g. lr_scale={{'stream': 0.5}}")
+    bad = [r for r in lr_scale if r not in ROLES]
+    if bad:
+        raise GammaGuideError(f"lr_scale has unknown role(s) {bad}; roles are {', '.join(ROLES)}")
+    for role, factor in lr_scale.items():
+        check_rate(f"lr_scale[{role!r}]", factor, f"a factor such as lr_scale={{{role!r}: 0.5}}")
+    return {r: float(f) for r, f in lr_scale.items()}
+
+
+def check_report(report: Any, model: nn.Module) -> None:
+    """``report=`` must be an analysis of this model: the same parameter names."""
+    if not isinstance(report, Report):
+        raise GammaGuideError(f"report must be a gammaguide.Report, got {type(report).__name__}; pass "
+                              f"report=gammaguide.analyze(model, example_inputs), or leave it out")
+    names = [n for n, _ in model.named_parameters()]
+    reported = {p.name for p in report.params}
+    missing = [n for n in names if n not in reported]
+    known = set(names)
+    extra = [p.name for p in report.params if p.name not in known]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"it lacks the model's {_some(missing)}")
+        if extra:
+            parts.append(f"it has {_some(extra)}, which the model lacks")
+        raise GammaGuideError(f"report was made from another model ({'; '.join(parts)}); pass "
+                              f"report=gammaguide.analyze(model, ...) of this model, or leave it out")
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
@@ -71,16 +118,24 @@ def param_groups(
     Each call returns fresh group dicts: build each optimizer from its own call (a group
     given to a second optimizer warns, see ``ParamGroup``).
     """
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise GammaGuideError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-    scales = dict(lr_scale or {})
-    bad = [r for r in scales if r not in ROLES]
-    if bad:
-        raise GammaGuideError(f"lr_scale has unknown role(s) {bad}; roles are {', '.join(ROLES)}")
+    check_rate("weight_decay", weight_decay, "e.g. weight_decay=5e-4 (0 for none)")
+    if lr is not None:
+        check_rate("lr", lr, "e.g. lr=0.1, or leave it out to set it on the optimizer")
+    scales = _lr_scales(lr_scale)
+    skip_list = check_skip_list(skip_list)
+    skip: set[int] = set()
     if report is None:
         report = analyze(model, example_inputs, policy, decay_bias=decay_bias, decay_beta=decay_beta,
                          skip_list=skip_list)
-    if not report.entries:
+    else:
+        check_report(report, model)
+        if decay_bias is not None or decay_beta is not None:
+            raise GammaGuideError("decay_bias and decay_beta are decided when the report is made: pass them to "
+                                  "gammaguide.analyze(), or leave report= out")
+        skip = skipped_ids(model, unwrap(model), skip_list) if skip_list else set()
+    if not report.entries and not report.warnings:
+        # With warnings, analyze has already said which module looked like a normalization and
+        # that its parameters are treated as plain weights: one warning per finding.
         warnings.warn(
             f"{type(model).__name__} has no normalization layers: returning plain groups "
             f"(weights decayed, biases and 1-D parameters not)",
@@ -92,15 +147,12 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        pi = info.get(name)
-        if pi is None:
-            raise GammaGuideError(
-                f"parameter '{name}' is not in the report; pass a report made from this same model"
-            )
+        pi = info[name]
         scale = float(scales.get(pi.role, 1.0)) if pi.kind == "gamma" else 1.0
-        key = (weight_decay if pi.decay else 0.0, scale)
+        decay = pi.decay and id(p) not in skip
+        key = (weight_decay if decay else 0.0, scale)
         if key not in groups:
-            label = "decay" if pi.decay else "no_decay"
+            label = "decay" if decay else "no_decay"
             if scale != 1.0:
                 label += f"_lr_x{scale:g}"
             group = ParamGroup(params=[], weight_decay=key[0], name=label)

@@ -16,6 +16,7 @@ from torch import nn
 
 from .analysis import analyze
 from .errors import GammaGuideError
+from .groups import check_report
 from .report import Report
 from .roles import ROLES
 
@@ -32,6 +33,8 @@ def zero_init(model: nn.Module, example_inputs: Any = None, role: str = "residua
         raise GammaGuideError(f"unknown role {role!r} for zero_init; roles are {', '.join(ROLES)}")
     if report is None:
         report = analyze(model, example_inputs)
+    else:
+        check_report(report, model)
     names = [e.param_name for e in report.entries if e.role == role]
     if not names:
         found = sorted({e.role for e in report.entries})

@@ -93,6 +93,12 @@ def prepare_inputs(model: nn.Module, example_inputs: Any, tree: ModuleTree | Non
             f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
             f"got {type(example_inputs).__name__}"
         )
+    if device is not None and device.type != "meta" and any(t.is_meta for t in _iter_tensors((args, kwargs))):
+        raise GammaGuideError(
+            f"example_inputs ({', '.join(describe_inputs(args, kwargs))}) are on the meta device but the model's "
+            f"parameters are on {device}; pass real tensors, e.g. torch.zeros(shape), or build the model on the "
+            f"meta device too (with torch.device('meta'): model = ...)"
+        )
     if device is not None and any(t.device != device for t in _iter_tensors((args, kwargs))):
         args, kwargs = _to_device((args, kwargs), device)
     return args, kwargs

@@ -10,17 +10,31 @@ A module is a normalization when
    runs no weighted op (conv/linear/matmul/embedding), it computes a scale statistic
    (variance, standard deviation, norm, rsqrt, sqrt, or a fused norm kernel) of its input,
    and one of the module's own parameters multiplies a tensor derived from that statistic
-   (``w * (x * rsqrt(v))``), or multiplies the input before the product is multiplied or
-   divided by it (``w * x * rsqrt(v)``). That parameter is the module's γ; its own
-   parameters that are added afterwards are β.
+   (``w * (x * rsqrt(v))``, or ``x * (w / sqrt(v))``), or multiplies the input before the
+   product is multiplied or divided by it (``w * x * rsqrt(v)``). That parameter is the
+   module's γ; its own parameters that are added afterwards (or that the shift is subtracted
+   from) are β. The trace runs in eval mode, where a hand-written BatchNorm divides by its
+   running statistics, which look like constants; so a leaf module with parameters and
+   floating-point buffers that fails the rule is traced once more, alone and in training
+   mode, on meta twins of its inputs, and the rule is checked on that trace.
 
 A normalization op called functionally inside a bigger module (``F.layer_norm(x, s, w, b)``
-in a block's ``forward``) is a normalization too; its weight argument is a γ.
+in a block's ``forward``) is a normalization too; its weight argument is a γ. So is one
+written out there (``F.rms_norm`` reaches the trace decomposed: ``x * rsqrt(mean(x²)) * w``):
+an activation multiplied or divided by a statistic of an activation, then multiplied by a
+channel-vector parameter, its γ. And a channel vector that multiplies the output of a
+normalization without a γ (``BatchNorm2d(c, affine=False)``, then a scale module), with only
+views between, is that normalization's γ.
 
-Anything that looks like a normalization but fits none of these rules is reported as a
-warning naming the module: a class whose name contains "Norm" and that owns parameters
-(or has no children), or a 1-D parameter multiplying a normalized tensor outside a
-recognised normalization.
+Anything that looks like a normalization but fits none of these rules is reported as one
+warning naming it: a class whose name contains "Norm" and that owns parameters (or has no
+children), unless it reduces nothing (an elementwise affine map such as MobileBERT's
+``NoNorm``) or it computes a parameter (a weight-norm parametrization); a vector parameter
+multiplying a tensor normalized by a statistic of an activation outside every recognised
+normalization; a module that divides by statistics of its buffers in eval mode but cannot be
+traced in training mode. A scale after a recognised normalization that has its own γ (a
+layer scale, a ReZero or SkipInit gate) is no γ and no warning: it is listed with the other
+1-D parameters.
 """
 
 from __future__ import annotations
@@ -67,6 +81,9 @@ NOT_NORM_CLASSES = frozenset({"FrozenBatchNorm2d", "LocalResponseNorm", "CrossMa
 GAMMA_NAMES = ("weight", "scale", "gamma", "g")
 BETA_NAMES = ("bias", "beta", "shift", "b")
 
+_DIV_OPS = frozenset({"div", "div_"})
+_SUB_OPS = frozenset({"sub", "sub_"})
+
 
 @dataclass
 class NormModule:
@@ -85,6 +102,9 @@ class NormFinding:
     norm_calls: list[int]  # outermost calls of normalization modules
     functional: dict[int, tuple[str | None, str | None]]  # native norm node -> (γ name, β name)
     warnings: list[str]
+    # Functional nodes that are not a norm op but the γ product of a norm written out inline or
+    # of a γ-less norm followed by a scale -> the norm type to report.
+    labels: dict[int, str] = field(default_factory=dict)
 
 
 def _direct_params(module: nn.Module, prefix: str) -> dict[str, str]:
@@ -172,35 +192,129 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
         if not params:
             continue
         others_stat = any(from_stat[j] and root[j + start] is None for j in inner)
-        if name in MUL_OPS and others_stat:
-            gammas.extend(p for p in params if p not in gammas)
+        # A parameter first in a division or subtraction: ``w / sqrt(v)``, ``b - m * scale``.
+        first = root[ins[i][0]] if root[ins[i][0]] in own_names else None
+        if (name in MUL_OPS or (name in _DIV_OPS and first)) and others_stat:
+            gammas.extend(p for p in (params if name in MUL_OPS else [first]) if p not in gammas)
         elif name in MUL_OPS and inp:
             scaled[i - start] = params[0]
         elif name in NORM_OPS:
             # A fused kernel given the module's own weight (and bias) arguments.
             gammas.extend(p for p in params[:1] if p not in gammas)
             betas.extend(p for p in params[1:2] if p not in betas)
-        elif name in ADD_OPS and gammas:
-            betas.extend(p for p in params if p not in betas and p not in gammas)
+        elif (name in ADD_OPS or (name in _SUB_OPS and first)) and gammas:
+            betas.extend(p for p in (params if name in ADD_OPS else [first]) if p not in betas and p not in gammas)
     if not saw_stat or not gammas:
         return None
     return gammas, betas
 
 
-def _stat_derived(graph: Graph, root: list[str | None], norm_calls_nodes: set[int]) -> list[bool]:
-    """Nodes that carry a normalized tensor: a statistic's result or a norm's output, not yet
-    passed through a weighted op. Used only to warn about unrecognised γ-like parameters."""
+# Reductions: a normalization divides by a statistic, which takes one. A module named like a norm
+# whose calls reduce nothing (MobileBERT's ``NoNorm``: ``x * w + b``) is an affine map, not a norm.
+_REDUCTIONS = STAT_OPS | frozenset({
+    "mean", "sum", "amax", "amin", "max", "min", "aminmax", "logsumexp", "prod", "nansum", "nanmean", "median",
+})
+
+
+def _stat_derived(graph: Graph, act: list[bool], norm_nodes: set[int]) -> list[bool]:
+    """Nodes that carry a tensor scaled by a statistic of an activation computed outside every
+    recognised normalization, not yet through a weighted op or a recognised normalization. A
+    statistic of a parameter (weight standardization, weight norm) is none: it normalizes no
+    activation."""
     out = [False] * len(graph)
+    ins = graph.ins
     for i, name in enumerate(graph.op_names()):
-        if name in LEAF_KINDS:
+        if name in LEAF_KINDS or name in MATMUL_OPS or i in norm_nodes:
             continue
-        if name in STAT_OPS or i in norm_calls_nodes:
-            out[i] = True
-        elif name in MATMUL_OPS:
-            out[i] = False
+        if name in STAT_OPS:
+            out[i] = any(act[k] for k in ins[i]) or any(out[k] for k in ins[i])
         else:
-            out[i] = any(out[k] for k in graph.ins[i])
+            out[i] = any(out[k] for k in ins[i])
     return out
+
+
+def op_label(name: str) -> str:
+    """``native_layer_norm`` -> ``layer_norm``: a norm op as users write it."""
+    return name.removeprefix("native_").removeprefix("_")
+
+
+def _through_views(graph: Graph, names: list[str], k: int) -> int:
+    """The node a chain of views, reshapes and casts ending at ``k`` starts from."""
+    while names[k] in VIEW_OPS and graph.ins[k]:
+        k = graph.ins[k][0]
+    return k
+
+
+def _vector_params(tree: ModuleTree) -> dict[str, int]:
+    """Parameters that can scale channels, by name, with their sizes: at most one dimension larger
+    than 1 (1-D, a C x 1 x 1 vector or a scalar), i.e. no weight matrix or kernel."""
+    return {n: p.numel() for n, p in tree.named_parameters_all if sum(d > 1 for d in p.shape) < 2}
+
+
+def _one_vector(graph: Graph, root: list[str | None], node: int, vectors: dict[str, int]) -> str | None:
+    """The one channel-vector parameter among the operands of ``node``, if there is exactly one."""
+    found = [root[k] for k in graph.ins[node] if root[k] in vectors]
+    return found[0] if len(found) == 1 else None
+
+
+def _add_betas(graph: Graph, names: list[str], root: list[str | None], gammas: dict[int, tuple[str, str | None]],
+               vectors: dict[str, int]) -> None:
+    """β of the γ products in ``gammas`` (node -> (γ, None)): a vector parameter added to one."""
+    if not gammas:
+        return
+    for i, name in enumerate(names):
+        if name not in ADD_OPS or len(graph.ins[i]) != 2:
+            continue
+        a, b = graph.ins[i]
+        for node, other in ((_through_views(graph, names, a), b), (_through_views(graph, names, b), a)):
+            entry = gammas.get(node)
+            if entry is not None and entry[1] is None and root[other] in vectors and root[other] != entry[0]:
+                gammas[node] = (entry[0], root[other])
+
+
+def _inline_norms(graph: Graph, root: list[str | None], act: list[bool], stat: list[bool],
+                  vectors: dict[str, int], norm_nodes: set[int]) -> dict[int, tuple[str, str | None]]:
+    """Normalizations written out in a bigger module's forward, as ``F.rms_norm`` is (it reaches
+    the trace as ``x * rsqrt(mean(x²) + eps) * w``): an activation multiplied or divided by a
+    statistic of an activation, then multiplied by a channel-vector parameter, its γ.
+    Returns the γ product's node -> (γ, β)."""
+    names, ins = graph.op_names(), graph.ins
+    normalized: set[int] = set()
+    found: dict[int, tuple[str, str | None]] = {}
+    for i, name in enumerate(names):
+        if name not in SCALE_OPS or i in norm_nodes:
+            continue
+        acts = [k for k in ins[i] if act[k]]
+        if len(acts) == 2 and stat[acts[0]] != stat[acts[1]]:
+            normalized.add(i)  # x * rsqrt(v), (x - m) / std
+        elif name in MUL_OPS and len(acts) == 1 and _through_views(graph, names, acts[0]) in normalized:
+            gamma = _one_vector(graph, root, i, vectors)
+            if gamma is not None:
+                found[i] = (gamma, None)
+    _add_betas(graph, names, root, found, vectors)
+    return found
+
+
+def _scales_after_affine_free(graph: Graph, root: list[str | None], outputs: dict[int, str],
+                              vectors: dict[str, int], norm_nodes: set[int]) -> dict[int, tuple[str, str | None, str]]:
+    """A channel vector that multiplies the output of a normalization without a γ of its own
+    (``BatchNorm2d(c, affine=False)``, then a ``Scale`` module), with nothing but views between,
+    is that normalization's γ. A scalar is not (SkipInit, ReZero: a gate of the whole branch).
+    ``outputs``: the output node of each γ-less normalization -> its type.
+    Returns the γ product's node -> (γ, β, the normalization's type)."""
+    names, ins = graph.op_names(), graph.ins
+    found: dict[int, tuple[str, str | None]] = {}
+    source: dict[int, str] = {}
+    for i, name in enumerate(names):
+        if name not in MUL_OPS or i in norm_nodes:
+            continue
+        norms = [outputs[n] for n in (_through_views(graph, names, k) for k in ins[i]) if n in outputs]
+        gamma = _one_vector(graph, root, i, vectors) if norms else None
+        if gamma is not None and vectors[gamma] > 1:
+            found[i] = (gamma, None)
+            source[i] = norms[0]
+    _add_betas(graph, names, root, found, vectors)
+    return {i: (g, b, source[i]) for i, (g, b) in found.items()}
 
 
 def _is_known_norm(m: nn.Module) -> bool:
@@ -215,8 +329,57 @@ def _known_norm(m: nn.Module, name: str) -> NormModule:
     return nm
 
 
-def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None) -> NormFinding:
-    """``tree``: the model's walked modules (after the forward pass), when the caller has them."""
+def training_candidate(m: nn.Module) -> bool:
+    """Might ``m`` be a hand-written normalization that uses batch statistics only in training
+    mode (and its running statistics, which look like constants, in the eval-mode trace)? A leaf
+    module with parameters and floating-point buffers that no other rule covers."""
+    return (
+        bool(m._parameters) and bool(m._buffers) and not m._modules
+        and any(b is not None and b.is_floating_point() for b in m._buffers.values())
+        and not _is_known_norm(m) and type(m).__name__ not in NOT_NORM_CLASSES
+    )
+
+
+_UNTRACEABLE = "untraceable"
+
+
+def _behaves_like_norm_in_training(m: nn.Module, name: str, train_probe):
+    """The behavioural rule on a trace of the module alone in training mode (``train_probe``):
+    (γ names, β names), None, or ``_UNTRACEABLE`` when that trace failed (it needs values)."""
+    sub = train_probe(m) if train_probe is not None else None
+    if sub is None:
+        return _UNTRACEABLE if train_probe is not None else None
+    own = _direct_params(m, "")
+    found = _behaves_like_norm(sub, 0, len(sub), own, root_params(sub))
+    if found is None:
+        return None
+    dot = f"{name}." if name else ""
+    return [dot + g for g in found[0]], [dot + b for b in found[1]]
+
+
+def _parametrizations(tree: ModuleTree) -> set[int]:
+    """Modules that compute a parameter (``torch.nn.utils.parametrizations.weight_norm``): they
+    normalize a weight, never an activation."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    return {id(c) for _, m in tree.named_modules if isinstance(m, ParametrizationList) for c in m.modules()}
+
+
+def _affine_only(graph: Graph, calls, act: list[bool]) -> bool:
+    """Every call reads an activation through ops the trace sees and reduces nothing: an
+    elementwise map of its input (MobileBERT's ``NoNorm``), not a normalization."""
+    names, ins = graph.op_names(), graph.ins
+    for call in calls:
+        ops = [i for i in range(call.start, call.end) if names[i] not in LEAF_KINDS]
+        if any(names[i] in _REDUCTIONS for i in ops) or not any(act[k] for i in ops for k in ins[i]):
+            return False
+    return True
+
+
+def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, train_probe=None) -> NormFinding:
+    """``tree``: the model's walked modules (after the forward pass), when the caller has them.
+    ``train_probe(module)``: a graph of the module alone traced in training mode, or None (see
+    ``training_candidate``)."""
     tree = tree if tree is not None else ModuleTree(model)
     root = root_params(graph)
     modules: dict[int, NormModule] = {}
@@ -238,7 +401,8 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None) -
         if id(m) not in modules and _is_known_norm(m):
             modules[id(m)] = _known_norm(m, name)
 
-    # Behavioural rule, on each call of each remaining module that owns parameters.
+    # Behavioural rule, on each call of each remaining module that owns parameters; then, for a
+    # module that may use batch statistics only in training mode, on a training-mode trace.
     for call in graph.calls:
         key = id(call.module)
         if key not in undecided or key in modules:
@@ -250,6 +414,14 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None) -
         found = _behaves_like_norm(graph, call.start, call.end, own, root)
         if found is not None:
             modules[key] = NormModule(m, name, "behaviour", found[0], found[1])
+    untraceable: list[tuple[int, nn.Module, str]] = []
+    for key, (m, name) in undecided.items():
+        if key not in modules and training_candidate(m):
+            found = _behaves_like_norm_in_training(m, name, train_probe)
+            if found is _UNTRACEABLE:
+                untraceable.append((key, m, name))
+            elif found is not None:
+                modules[key] = NormModule(m, name, "behaviour in training mode", found[0], found[1])
 
     # Outermost calls of normalization modules: each becomes one node of the dataflow.
     norm_calls: list[int] = []
@@ -279,48 +451,93 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None) -
         params = [root[k] for k in graph.ins[i] if root[k] is not None]
         functional[i] = (params[0] if params else None, params[1] if len(params) > 1 else None)
 
+    # Normalizations whose γ lies outside them: a scale right after a γ-less norm, or written inline.
+    labels: dict[int, str] = {}  # their γ product's node -> the norm type to report
+    norm_nodes = in_norm_call | set(functional)
+    vectors: dict[str, int] | None = None
+    gammaless: dict[int, str] = {}  # the output node of each normalization without a γ -> its type
+    for c in norm_calls:
+        call = graph.calls[c]
+        if not modules[id(call.module)].gammas:
+            last = max((i for i in range(call.start, call.end) if names[i] not in LEAF_KINDS), default=-1)
+            if last >= 0:
+                gammaless[last] = type(call.module).__name__
+    gammaless.update((i, f"functional {op_label(names[i])}") for i, (g, _) in functional.items() if g is None)
+    if gammaless:
+        vectors = _vector_params(tree)
+        for node, (gamma, beta, norm) in _scales_after_affine_free(graph, root, gammaless, vectors,
+                                                                   norm_nodes).items():
+            functional[node] = (gamma, beta)
+            norm_nodes.add(node)
+            labels[node] = f"{norm} without affine, then a scale"
+    stat: list[bool] | None = None
+    if any(op in STAT_OPS and i not in norm_nodes and any(act[k] for k in graph.ins[i])
+           for i, op in enumerate(names)):
+        stat = _stat_derived(graph, act, norm_nodes)
+        vectors = vectors if vectors is not None else _vector_params(tree)
+        for node, pair in _inline_norms(graph, root, act, stat, vectors, norm_nodes).items():
+            functional[node] = pair
+            norm_nodes.add(node)
+            labels[node] = "inline normalization"
+        stat = _stat_derived(graph, act, norm_nodes)
+
     # Warnings: norm-looking modules that were not recognised.
     recognised_params = {p for nm in modules.values() for p in nm.gammas + nm.betas}
     recognised_params.update(p for pair in functional.values() for p in pair if p)
-    for key, (m, name) in undecided.items():
-        if key in modules:
-            continue
-        cls = type(m).__name__
-        has_own = any(p is not None for p in m._parameters.values())
-        has_children = bool(m._modules)
-        if "Norm" in cls and (has_own or not has_children):
+    looked_at = [(key, m, name) for key, (m, name) in undecided.items() if key not in modules
+                 and "Norm" in type(m).__name__
+                 and (any(p is not None for p in m._parameters.values()) or not m._modules)]
+    if looked_at or untraceable:
+        skip = _parametrizations(tree)
+        calls_of: dict[int, list] = {}
+        for call in graph.calls:
+            calls_of.setdefault(id(call.module), []).append(call)
+        warned: set[int] = set()
+        for key, m, name in untraceable:
+            # Divides by a statistic (of its buffers) in eval mode; training mode would tell.
+            if any(names[i] in STAT_OPS for c in calls_of.get(key, []) for i in range(c.start, c.end)):
+                warned.add(key)
+                cls = type(m).__name__
+                warnings.append(
+                    f"module '{name}' ({cls}) scales by a statistic of its buffers in eval mode, like a "
+                    f"normalization with running statistics, but its training-mode forward pass needs values, so "
+                    f"gammaguide could not check whether it normalizes by batch statistics: its parameters are "
+                    f"treated as plain weights/biases. If it is a normalization, register the class with "
+                    f"gammaguide.norms.register_norm_class('{cls}')."
+                )
+        for key, m, name in looked_at:
+            if key in warned or key in skip or _affine_only(graph, calls_of.get(key, []), act):
+                continue
+            if any(q in recognised_params for q in _direct_params(m, name).values()):
+                continue  # a block named like a norm, whose normalization was found inside it
+            cls = type(m).__name__
             warnings.append(
                 f"module '{name}' ({cls}) looks like a normalization but was not recognised: its parameters "
                 f"are treated as plain weights/biases. If it normalizes its input, register the class with "
                 f"gammaguide.norms.register_norm_class('{cls}')."
             )
-    # Derived only when some multiplication involves an unrecognised parameter: most models have none.
-    stat: list[bool] | None = None
-    params_1d: set[str] = set()
-    flagged: set[str] = set()
-    for i, op_name in enumerate(names):
-        if op_name not in MUL_OPS or i in in_norm_call:
-            continue
-        for k in graph.ins[i]:
-            p = root[k]
-            if p is None or p in recognised_params or p in flagged:
+    # A vector parameter scaling a tensor normalized outside any recognised normalization.
+    if stat is not None:
+        vectors = vectors if vectors is not None else _vector_params(tree)
+        flagged: set[str] = set()
+        for i, op_name in enumerate(names):
+            if op_name not in MUL_OPS or i in norm_nodes:
                 continue
-            if stat is None:
-                stat = _stat_derived(graph, root, in_norm_call)
-                params_1d = {n for n, q in tree.named_parameters if q.ndim <= 1}
-            if p not in params_1d:
-                continue
-            if any(stat[j] and root[j] is None for j in graph.ins[i] if j != k):
-                flagged.add(p)
-                owner = p.rsplit(".", 1)[0] if "." in p else ""
-                cls = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
-                warnings.append(
-                    f"parameter '{p}' (in {cls} '{owner}') multiplies a normalized tensor but its module was not "
-                    f"recognised as a normalization, so it is not given a role. If it is a normalization scale, "
-                    f"move the normalization into its own module or register the class with "
-                    f"gammaguide.norms.register_norm_class('{cls}')."
-                )
-    return NormFinding(modules, norm_calls, functional, warnings)
+            for k in graph.ins[i]:
+                p = root[k]
+                if p is None or p in recognised_params or p in flagged or p not in vectors:
+                    continue
+                if any(stat[j] and root[j] is None for j in graph.ins[i] if j != k):
+                    flagged.add(p)
+                    owner = p.rsplit(".", 1)[0] if "." in p else ""
+                    cls = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
+                    warnings.append(
+                        f"parameter '{p}' (in {cls} '{owner}') multiplies a tensor normalized by a statistic of an "
+                        f"activation, but not as a normalization's γ: it is not given a role. If it is a "
+                        f"normalization scale, move the normalization into its own module or register the class "
+                        f"with gammaguide.norms.register_norm_class('{cls}')."
+                    )
+    return NormFinding(modules, norm_calls, functional, warnings, labels)
 
 
 def register_norm_class(class_name: str) -> None:

@@ -75,11 +75,20 @@ def resolve_policy(
             raise GammaGuideError(
                 f"policy mapping has unknown role(s) {', '.join(map(repr, bad))}; roles are {', '.join(ROLES)}"
             )
-        policy = Policy("custom", {r: bool(spec.get(r, False)) for r in ROLES})
+        odd = {r: v for r, v in spec.items() if not isinstance(v, bool)}
+        if odd:
+            raise GammaGuideError(
+                f"policy mapping gives {', '.join(f'{r!r} the value {v!r}' for r, v in odd.items())}; map each role "
+                f"to True (decay its γ) or False, e.g. {{'stream': False, 'residual_last': True}}"
+            )
+        policy = Policy("custom", {r: spec.get(r, False) for r in ROLES})
     else:
         raise GammaGuideError(
             f"policy must be a name (e.g. 'guidelines') or a mapping from role to bool, got {type(spec).__name__}"
         )
+    for what, value in (("decay_bias", decay_bias), ("decay_beta", decay_beta)):
+        if value is not None and not isinstance(value, bool):
+            raise GammaGuideError(f"{what} must be True, False or None (the policy decides), got {value!r}")
     if decay_bias is not None or decay_beta is not None:
         policy = Policy(
             policy.name,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -172,6 +173,10 @@ def _torchvision(name: str, num_classes: int | None, meta: bool) -> nn.Module:
         raise GammaGuideError(f"unknown torchvision model {name!r}{_did_you_mean(name, known)}; "
                               f"see torchvision.models.list_models() for the {len(known)} names")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    # Detection and segmentation builders default to a pretrained backbone (weights_backbone=...),
+    # which they would download: no weights anywhere.
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None
     try:
         with _quiet():
             return torchvision.models.get_model(name, weights=None, **kwargs)

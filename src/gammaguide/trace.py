@@ -6,7 +6,7 @@ that produced its tensor arguments. Two global module hooks note which module
 call each op ran in, so that later stages can collapse a normalization module
 into a single node and name the module behind every op. Nothing is attached
 to the model or to its tensors; the hooks are removed before ``trace`` returns,
-and any parameter or buffer the forward pass writes into is put back as it was.
+and the modules are left holding exactly what they held (``module_state.py``).
 With ``on_meta`` the ops run on meta twins of their tensors (``shapes.py``): the
 same graph, without the arithmetic.
 """
@@ -23,6 +23,7 @@ import torch
 from torch.nn.modules import module as _module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .module_state import snapshot
 from .ops import UNMARKED_WRITES, base_name
 from .shapes import MetaRunner
 
@@ -58,6 +59,8 @@ class Graph:
     # For observed adds (see ``trace(observe_adds=...)``): node -> (f(arg0), f(arg1)).
     add_observations: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     output_tensors: list[torch.Tensor] = field(default_factory=list)
+    # Parameters of lazy modules that the pass materialized, made lazy again: id -> their shape.
+    lazy_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Per-node facts that several stages derive from the finished graph (see norms.py).
     memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -166,8 +169,9 @@ class _Recorder(TorchDispatchMode):
         return False
 
     def __init__(self, graph: Graph, known: dict[int, tuple[str, str]], observe_adds: Callable | None,
-                 runner: MetaRunner | None = None):
+                 runner: MetaRunner | None = None, state_tensors: set[int] | frozenset = frozenset()):
         super().__init__()
+        self.state_tensors = state_tensors  # ids of tensors kept on modules (module_state.py)
         self.g = graph
         self.runner = runner  # runs the ops that see a meta tensor on meta twins of all their tensors
         self.known = known  # id(tensor) -> (leaf kind, name) for params, buffers, inputs
@@ -294,7 +298,8 @@ class _Recorder(TorchDispatchMode):
             for t in tensors:
                 base = t._base if t._is_view() else t
                 key = id(base)
-                if key not in self.saved and self.known.get(key, (CONST,))[0] in (PARAM, BUFFER):
+                if key not in self.saved and (self.known.get(key, (CONST,))[0] in (PARAM, BUFFER)
+                                              or key in self.state_tensors or id(t) in self.state_tensors):
                     self.saved[key] = (base, base.detach().clone())
 
     def restore(self) -> None:
@@ -384,8 +389,10 @@ def trace(
     ``modules``: ``model.named_modules(remove_duplicate=False)``, when the caller has walked it.
     ``on_meta``: run on shapes alone (see ``shapes.py``): the inputs are given as meta twins.
     The caller decides the model's mode and grad state; exceptions from the forward pass
-    propagate unchanged. Parameters and buffers written during the pass (running statistics,
-    counters) are restored afterwards, also when it raises.
+    propagate unchanged. Afterwards, also when it raises, every module holds exactly what it
+    held before (``module_state.py``: attributes set, added or filled during the pass) and
+    every parameter, buffer or tensor attribute written in place (running statistics,
+    counters, caches) holds its old value.
     """
     graph = Graph()
     runner = None
@@ -399,7 +406,8 @@ def trace(
         for t in _iter_tensors(value):
             known.setdefault(id(t), (INPUT, key))
 
-    rec = _Recorder(graph, known, observe_adds, runner)
+    state = snapshot(m for _, m in (modules if modules is not None else model.named_modules()))
+    rec = _Recorder(graph, known, observe_adds, runner, state.tensors)
     pre = _module_hooks.register_module_forward_pre_hook(rec.enter)
     post = _module_hooks.register_module_forward_hook(rec.leave, always_call=True)
     try:
@@ -411,6 +419,8 @@ def trace(
         pre.remove()
         post.remove()
         rec.restore()
+        state.restore()
+        graph.lazy_shapes = state.materialized
     for call in graph.calls:
         call.name = names.get(id(call.module))
         if call.end < 0:  # a call that raised; close it so ranges stay valid

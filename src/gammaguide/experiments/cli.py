@@ -7,6 +7,7 @@ when a command runs, so ``gammaguide inspect`` stays light.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -155,6 +156,29 @@ def _config_from(args, base):
     return cfg
 
 
+def _writable_dir(text: str, flag: str = "--out") -> Path:
+    """A folder the command can write into, checked before any work (a finished run that cannot
+    be saved is a lost run): it exists and is writable, or the nearest folder above it is."""
+    path = Path(text).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GammaGuideError(f"{flag} {text!r}: {existing} is a file, not a folder; give a folder (it is created "
+                              f"if missing), e.g. {flag} runs/demo")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GammaGuideError(f"{flag} {text!r}: the folder {existing} is not writable; give a folder you can write "
+                              f"into, e.g. {flag} runs/demo")
+    return path
+
+
+def _listed(text: str | None, flag: str, example: str) -> None:
+    """``--arms`` / ``--seeds`` given but naming nothing is a mistake, not a request for the defaults."""
+    if text is not None and not text.replace(",", "").strip():
+        raise GammaGuideError(f"{flag} {text!r} names nothing; give comma-separated values, e.g. {flag} {example}, "
+                              f"or leave {flag} out for the protocol's")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -167,6 +191,7 @@ def run_train(args) -> int:
     cfg = _config_from(args, TrainConfig())
     cfg = replace(cfg, epochs=_int_epochs(args.epochs), policy=args.policy, seed=args.seed)
     cfg.check()
+    _writable_dir(args.out)
     ctx = init_distributed(args.device)
     try:
         data = load_dataset_once(ctx, cfg.data, args.data_dir, progress=not args.no_progress)
@@ -191,6 +216,8 @@ def run_ablate(args) -> int:
     if args.protocol not in ablate.PROTOCOLS:
         raise GammaGuideError(f"unknown --protocol {args.protocol!r}; use {', '.join(ablate.PROTOCOLS)}")
     protocol = ablate.PROTOCOLS[args.protocol]
+    _listed(args.arms, "--arms", "guidelines,no_gamma")
+    _listed(args.seeds, "--seeds", "0,1,2")
     arms = ablate.parse_arms(args.arms)
     seeds = ablate.parse_seeds(args.seeds, protocol.seeds)
     shard = ablate.parse_shard(args.shard)
@@ -203,6 +230,9 @@ def run_ablate(args) -> int:
     if args.epochs is not None and not auto:
         base = replace(base, epochs=_int_epochs(args.epochs))
     base.check()
+    _writable_dir(args.out)
+    if args.checkpoint_dir:
+        _writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     ctx = init_distributed(args.device)
     try:
         if ctx.distributed and args.jobs > 1:
@@ -240,16 +270,28 @@ def _report_if_complete(configs, out: Path) -> None:
 
 def run_report(args) -> int:
     from .report import write_claims, write_report
+    from .results import describe_skipped, read_results, usable_runs
 
-    if args.claims:
-        if args.title:
-            raise GammaGuideError("--title is the full report's heading; --claims prints the claims table only "
-                                  "(leave out one of them)")
-        print(write_claims(args.results, args.out), end="")
-        return 0
-    if not args.out:
+    if args.claims and args.title:
+        raise GammaGuideError("--title is the full report's heading; --claims prints the claims table only "
+                              "(leave out one of them)")
+    if not args.claims and not args.out:
         raise GammaGuideError("report needs --out DIR (where report.md and the plots go), or --claims to print "
                               "the claims table only")
+    if args.out:
+        _writable_dir(args.out)
+    missing = [p for p in args.results if not Path(p).is_file()]
+    if not missing:
+        records, skipped = read_results(args.results)
+        if not usable_runs(records):
+            failed = sum(r.get("status") == "failed" for r in records)
+            raise GammaGuideError(
+                f"{', '.join(args.results)} holds no usable run: {len(records)} records, {failed} of them failed runs"
+                + (f"; {describe_skipped(skipped)}" if skipped else "")
+                + "; a report needs finished runs (gammaguide ablate or train writes them)")
+    if args.claims:
+        print(write_claims(args.results, args.out), end="")
+        return 0
     path = write_report(args.results, args.out, plots=not args.no_plots, title=args.title)
     print(path)
     return 0

@@ -2,8 +2,10 @@
 
 Each line is written by a single ``write`` on a file opened with ``O_APPEND`` under an
 exclusive ``flock`` and then fsynced, so concurrent writers (parallel workers, ranks, shards on
-a shared disk) never interleave, and a crash loses at most the run in flight. Reading skips a
-corrupt or truncated line with a warning and keeps every good one.
+a shared disk) never interleave, and a crash loses at most the run in flight. Every record
+carries the version of its format, ``schema`` (``SCHEMA``; a record without one is version 1).
+Reading keeps every good line and skips, with one warning that counts and locates them, the
+lines that are corrupt or truncated and the records of a schema version this code does not know.
 """
 
 from __future__ import annotations
@@ -14,10 +16,25 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 RESULTS_NAME = "results.jsonl"
+# The format of the records this code writes (``RunRecord.schema``) and those it reads. Version 1
+# is the first format; fields added later (``metric``, ...) are optional to readers, so adding one
+# keeps the version: only a change that old readers would misread needs a new one.
+SCHEMA = 1
+READABLE_SCHEMAS = frozenset({1})
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A line of a results file that reading skipped."""
+
+    path: Path
+    line: int
+    why: str  # "corrupt or truncated" or "schema version N, unknown to this gammaguide"
 
 
 def run_key(settings: dict[str, Any]) -> str:
@@ -62,11 +79,13 @@ def append_line(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_lines(paths: str | os.PathLike | Iterable[str | os.PathLike], *, warn: bool = True) -> list[dict[str, Any]]:
-    """Every well-formed record of one or more results files; bad lines are skipped with a warning."""
+def read_results(paths: str | os.PathLike | Iterable[str | os.PathLike]
+                 ) -> tuple[list[dict[str, Any]], list[Skipped]]:
+    """Every readable record of one or more results files, and the lines skipped."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    records = []
+    records: list[dict[str, Any]] = []
+    skipped: list[Skipped] = []
     for path in paths:
         path = Path(path)
         if not path.exists():
@@ -77,14 +96,55 @@ def read_lines(paths: str | os.PathLike | Iterable[str | os.PathLike], *, warn: 
                     continue
                 try:
                     rec = json.loads(raw)
-                    if not isinstance(rec, dict):
-                        raise ValueError("not a JSON object")
-                except (ValueError, UnicodeDecodeError) as exc:
-                    if warn:
-                        warnings.warn(f"{path}:{number}: skipping a corrupt or truncated line ({exc})")
+                except (ValueError, UnicodeDecodeError):
+                    rec = None
+                if not isinstance(rec, dict):
+                    skipped.append(Skipped(path, number, "corrupt or truncated"))
+                    continue
+                schema = rec.get("schema", 1)
+                if type(schema) is not int or schema not in READABLE_SCHEMAS:
+                    skipped.append(Skipped(path, number, f"schema version {schema!r}, unknown to this gammaguide"))
                     continue
                 records.append(rec)
+    return records, skipped
+
+
+def describe_skipped(skipped: list[Skipped]) -> str:
+    """One line for all the skipped lines: how many, where and why."""
+    by_cause: dict[tuple[Path, str], list[int]] = {}
+    for s in skipped:
+        by_cause.setdefault((s.path, s.why), []).append(s.line)
+    parts = [f"{path}: {_lines(numbers)} ({why})" for (path, why), numbers in by_cause.items()]
+    n = len(skipped)
+    return f"{n} unreadable results line{'s' * (n != 1)} skipped: {'; '.join(parts)}"
+
+
+def _lines(numbers: list[int], limit: int = 8) -> str:
+    """``[2, 3, 4, 9]`` -> ``lines 2-4, 9``."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans[:limit])
+    more = f" and {len(spans) - limit} more ranges" if len(spans) > limit else ""
+    return f"line{'s' * (len(numbers) > 1)} {text}{more}"
+
+
+def read_lines(paths: str | os.PathLike | Iterable[str | os.PathLike], *, warn: bool = True) -> list[dict[str, Any]]:
+    """Every readable record of one or more results files; the skipped lines get one warning."""
+    records, skipped = read_results(paths)
+    if warn and skipped:
+        warnings.warn(f"{describe_skipped(skipped)}; the other lines are kept", stacklevel=2)
     return records
+
+
+def usable_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records a report can use: finished runs with their primary metric (``metric``, by
+    default ``test_acc``) a number."""
+    return [r for r in records if r.get("status") == "ok" and "arm" in r and "seed" in r
+            and isinstance(r.get(r.get("metric") or "test_acc"), (int, float))]
 
 
 def finished_keys(path: str | os.PathLike, *, retry_failed: bool = False) -> set[str]:

@@ -30,7 +30,7 @@ from . import mechanisms
 from .data import Augment, Dataset, balanced_indices, epoch_plan
 from .distributed import DistContext, all_sum, barrier
 from .progress import bar as progress_bar
-from .results import append_line, run_key
+from .results import SCHEMA, append_line, run_key
 
 SCHEDULES = ("cosine", "onecycle")
 
@@ -94,6 +94,7 @@ class RunRecord:
     data: str
     epochs: int
     settings: dict[str, Any]
+    schema: int = SCHEMA  # the format of this record (results.py); records without one are version 1
     history: list[dict[str, Any]] = field(default_factory=list)
     roles: dict[str, dict[str, int]] = field(default_factory=dict)  # role -> {"count", "decayed"}
     train_images_per_s: float | None = None
