@@ -1,0 +1,172 @@
+"""Walks forward from a normalization's output: where its γ ends up.
+
+The walk follows the elements the γ scales (channels.py) from the norm's output, op by op in
+execution order, so that every path into an op is merged before the op is looked at. It stops at:
+
+- another normalization: ``scale_invariant`` when that norm cancels the γ's scale (each of its
+  groups holds only scaled or only unscaled elements), ``merged`` when the γ's elements were mixed
+  with other features before it (concatenated then mixed by a conv, shuffled, summed with no
+  skip) or share a group with unscaled ones;
+- an operand of a residual sum (sums.py): ``residual_last`` for a branch, ``stream`` for the skip
+  when no conv/linear lies on the way, else ``shortcut`` (also when the norm itself lies inside
+  the skip path, after the sum's fork). A walk that reaches every operand of a sum, each through a
+  conv/linear, scales the whole sum, skip and branches alike: it goes on through the sum (the
+  γ feeds a projection that the sum is built from, as in FocalNet's modulation branch);
+- the model output: ``head``.
+
+A walk that leaves every element of a path (a slice that keeps none of the γ's channels) ends
+there without an event.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from .channels import NOTHING, START, Reach, additive, invariant_at, reach_union, transfer
+from .flow import Flow
+from .sums import Sums
+
+
+@dataclass(frozen=True)
+class Event:
+    """Where one walk ended."""
+
+    role: str
+    node: int  # the normalization, the residual sum's last op, or the output reached
+    via: int  # the first weighted op on the way; -1 if none
+    operand: int = -1  # for a residual sum: which of its operands
+    reach: Reach = START  # which elements of the γ's output arrived there, scaled or mixed
+
+
+# Events by strength (roles.ROLE_PRIORITY): a walk may stop once no pending op can lead to a
+# stronger event than the strongest found.
+_RANK = {"stream": 0, "shortcut": 1, "residual_last": 2, "head": 3, "merged": 4, "scale_invariant": 5}
+
+
+def walk(flow: Flow, sums: Sums, u: int, complete: bool = True) -> list[Event]:
+    """Every end of the walks from node ``u`` (a normalization's output). ``complete=False``:
+    only as many as decide the role (the strongest is among them; see ``_RANK``)."""
+    events: list[Event] = []
+    ahead = None if complete else _ahead(flow, sums)
+    best = 6
+    open_sum = open_end = 0  # pending ops from which a residual sum (or the output) can still be reached
+    if u in flow.outputs:  # a norm whose own output is returned has no successor to reach it through
+        events.append(Event("head", u, -1))
+    # (node, through a weighted op) -> {(argument position, source node): what arrives there}
+    pending: dict[tuple[int, bool], dict[tuple[int, int], Reach]] = {}
+    via_of: dict[int, int] = {}
+    heap: list[tuple[int, bool]] = []
+
+    def send(n: int, through: bool, via: int, reach: Reach) -> None:
+        nonlocal open_sum, open_end
+        for s, pos in flow.succ[n]:
+            key = (s, through)
+            slot = pending.get(key)
+            if slot is None:
+                slot = pending[key] = {}
+                heapq.heappush(heap, key)
+                if through:
+                    via_of.setdefault(s, via)
+                if ahead is not None:
+                    open_sum += ahead[s] >> 1
+                    open_end += ahead[s] & 1
+            old = slot.get((pos, n))
+            slot[(pos, n)] = reach if old is None else reach_union(old, reach)
+
+    # A residual sum's arrivals are looked at together, once every op of its chain has run.
+    at_sums: dict[int, list[tuple[int, int, Reach]]] = {}  # last op -> (operand, via, reach)
+    send(u, False, -1, START)
+    counted = 0
+    while heap:
+        if ahead is not None:
+            for e in events[counted:]:
+                best = min(best, _RANK[e.role])
+            counted = len(events)
+            # Stronger than shortcut, residual_last or head: only a residual sum; than merged, also the output.
+            if best == 0 or (best <= 4 and not open_sum and not at_sums and (best < 4 or not open_end)):
+                break
+        n, through = heapq.heappop(heap)
+        if through == _SUM:
+            events.extend(_at_sum(flow, sums, u, n, at_sums.pop(n), send))
+            continue
+        arrived = pending.pop((n, through))
+        if ahead is not None:
+            open_sum -= ahead[n] >> 1
+            open_end -= ahead[n] & 1
+        via = via_of.get(n, -1) if through else -1
+        if n in flow.norm_name:
+            events.append(_at_norm(flow, n, via, arrived))
+            continue
+        member = sums.member(n)
+        if member is not None:
+            if member.node not in at_sums:
+                at_sums[member.node] = []
+                heapq.heappush(heap, (member.node, _SUM))
+            for (pos, _), reach in arrived.items():
+                found = sums.operand_at(n, pos)
+                if found is not None:
+                    at_sums[member.node].append((found[1], via, reach))
+            continue
+        by_pos: dict[int, Reach] = {}
+        for (pos, _), reach in arrived.items():
+            by_pos[pos] = reach_union(by_pos[pos], reach) if pos in by_pos else reach
+        out = transfer(flow, n, by_pos)
+        if out == NOTHING:
+            continue
+        if flow.weighted[n] and not through:
+            through, via = True, n
+        if n in flow.outputs:
+            events.append(Event("head", n, via, reach=out))
+        send(n, through, via, out)
+    return events
+
+
+def _ahead(flow: Flow, sums: Sums) -> list[int]:
+    """For each op: 2 if a walk from it can reach an op of a residual sum, plus 1 if it can reach
+    the model output, without passing another normalization. Computed once per graph."""
+    found = getattr(sums, "_ahead", None)
+    if found is None:
+        found = [0] * len(flow)
+        for n in range(len(flow) - 1, -1, -1):
+            bits = (2 if sums.member(n) is not None else 0) | (1 if n in flow.outputs else 0)
+            for s, _ in flow.succ[n]:
+                if s not in flow.norm_name:
+                    bits |= found[s]
+            found[n] = bits
+        sums._ahead = found
+    return found
+
+
+def _at_norm(flow: Flow, n: int, via: int, arrived: dict[tuple[int, int], Reach]) -> Event:
+    total = NOTHING
+    invariant = True
+    for (_, source), reach in arrived.items():
+        total = reach_union(total, reach)
+        if reach[1] is not None or not invariant_at(flow, n, source, reach[0]):
+            invariant = False
+    return Event("scale_invariant" if invariant else "merged", n, via, reach=total)
+
+
+def _at_sum(flow: Flow, sums: Sums, u: int, n: int, arrived: list[tuple[int, int, Reach]], send) -> list[Event]:
+    s = sums.member(n)
+    reached = {index for index, via, _ in arrived if via >= 0}
+    if len(reached) == len(s.operands) and all(via >= 0 for _, via, _ in arrived):
+        out = additive([reach for _, _, reach in arrived])
+        via = min(via for _, via, _ in arrived)
+        events = [Event("head", n, via, reach=out)] if n in flow.outputs else []
+        send(n, True, via, out)
+        return events
+    out = []
+    for index, via, reach in arrived:
+        if index != s.skip:
+            role = "residual_last"
+        elif (s.fork != u and flow.is_ancestor(s.fork, u)) or via >= 0:
+            role = "shortcut"
+        else:
+            role = "stream"
+        out.append(Event(role, s.node, via, index, reach))
+    return out
+
+
+_SUM = 2  # the heap key of a residual sum's last op, after its own arrivals (False, True)
