@@ -76,10 +76,13 @@ def _arg(args: tuple, i: int, default=None):
 
 
 def _coarse(arrivals: dict[int, Reach]) -> Reach:
-    """What an op we cannot follow channel by channel gives: whole-tensor reaches."""
-    s = any(r[0] is not None for r in arrivals.values())
-    m = any(r[1] is not None for r in arrivals.values())
-    return (None, ALL) if m else (ALL if s else None, None)
+    """What an op we cannot follow element by element gives: a whole tensor scaled when its input
+    was (the node-level view), and mixed when only part of it was: whether a norm could still
+    divide the γ out is not known, so it is not claimed."""
+    reaches = arrivals.values()
+    if any(r[1] is not None or isinstance(r[0], Part) for r in reaches):
+        return None, ALL
+    return (ALL, None) if any(r[0] is not None for r in reaches) else NOTHING
 
 
 def _mixed(arrivals: dict[int, Reach]) -> Reach:
@@ -280,20 +283,22 @@ def _index(flow, n, args, shape, arrivals):
 
 
 def _cat(flow, n, args, shape, arrivals):
-    tensors = args[0]
-    dim = _arg(args, 1, 0)
     rank = len(shape)
-    d = dim % rank
-    total, offset, placed = shape[d], 0, []
-    for pos, t in enumerate(tensors):
-        size = t.shape[d] if len(t.shape) == rank else 0
-        if pos in arrivals:
-            s, m = arrivals[pos]
-            placed.append((place(s, rank, dim, offset, size, total), place(m, rank, dim, offset, size, total)))
-        offset += size
+    dim = _arg(args, 1, 0)
+    places = flow.memo.get(("cat", n))
+    if places is None:  # where each input lands: (offset, size) along the dimension
+        d, offset, places = dim % rank, 0, []
+        for t in args[0]:
+            size = t.shape[d] if len(t.shape) == rank else 0
+            places.append((offset, size))
+            offset += size
+        flow.memo[("cat", n)] = places
+    total = shape[dim % rank]
     s = m = None
-    for ps, pm in placed:
-        s, m = union(s, ps), union(m, pm)
+    for pos, (ps, pm) in arrivals.items():
+        offset, size = places[pos]
+        s = union(s, place(ps, rank, dim, offset, size, total))
+        m = union(m, place(pm, rank, dim, offset, size, total))
     return mixed_wins(s, m)
 
 
@@ -329,6 +334,16 @@ def _roll(flow, n, args, shape, arrivals):
         size = args[0].shape[dim % rank]
         keep = [(i - shift) % size for i in range(size)]
         r = _per_mask(r, lambda m, dim=dim, keep=keep: take(m, rank, dim, keep))
+    return r
+
+
+def _pad(flow, n, args, shape, arrivals):
+    """``constant_pad_nd`` pads the last len(pad) / 2 dimensions: elements there keep their
+    place, but a part along them gains unscaled neighbours."""
+    r = arrivals.get(0, NOTHING)
+    padded = set(range(-(len(args[1]) // 2), 0))
+    if set(arrivals) - {0} or touches(r[0], padded) or touches(r[1], padded):
+        return _mixed(arrivals)
     return r
 
 
@@ -442,7 +457,7 @@ _HANDLERS = {
                                 "flatten", "unflatten")},
     "transpose": _transpose, "t": _transpose, "permute": _permute, "slice": _slice,
     "select": _select, "index_select": _index_select, "index": _index, "cat": _cat, "stack": _stack,
-    "flip": _flip, "roll": _roll, "expand": _expand, "repeat": _repeat,
+    "flip": _flip, "roll": _roll, "expand": _expand, "repeat": _repeat, "constant_pad_nd": _pad,
     "channel_shuffle": _channel_shuffle, "native_channel_shuffle": _channel_shuffle,
     **{name: _reduction for name in ("sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean",
                                      "std_mean", "norm", "linalg_vector_norm", "logsumexp", "prod", "_softmax",
@@ -494,6 +509,14 @@ def _attention(arrivals: dict[int, Reach]) -> Reach:
 
 
 def norm_groups(flow: "Flow", node: int, source: int) -> tuple[list[int], set[int], int] | None:
+    """``_norm_groups``, once per normalization and source."""
+    key = ("groups", node, source)
+    if key not in flow.memo:
+        flow.memo[key] = _norm_groups(flow, node, source)
+    return flow.memo[key]
+
+
+def _norm_groups(flow: "Flow", node: int, source: int) -> tuple[list[int], set[int], int] | None:
     """How the normalization at ``node`` groups the elements it receives from ``source``: the ops
     from ``source`` to the op that computes its statistics, the dimensions (negative, relative to
     that op's input) each statistic is taken over (for a group norm: besides its channels), and a

@@ -33,6 +33,7 @@ class Flow:
     outputs: set[int]
     root: list[str | None]  # the parameter a node is a view or cast of
     _ancestor: dict[tuple[int, int], bool] = field(default_factory=dict, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)  # per-node facts channels.py derives once
 
     def __len__(self) -> int:
         return len(self.names)

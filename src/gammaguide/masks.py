@@ -11,6 +11,7 @@ the smallest run of dimensions, ``None`` for no element, ``ALL`` for every one.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -36,6 +37,22 @@ def ones(n: int) -> int:
     return (1 << n) - 1
 
 
+# Moving bits one by one is a Python loop; as a string of "0" and "1" (character k is bit k) the
+# same moves are slices, joins and translations that run in C.
+def _text(bits: int, n: int) -> str:
+    return format(bits, f"0{n}b")[::-1]
+
+
+def _bits(text: str) -> int:
+    return int(text[::-1], 2) if text else 0
+
+
+@lru_cache(maxsize=64)
+def _repeat(times: int) -> dict[int, str]:
+    """A ``str.translate`` table repeating each bit ``times`` times."""
+    return {ord("0"): "0" * times, ord("1"): "1" * times}
+
+
 def part(dims, sizes, bits: int):
     """The canonical mask of ``bits`` over ``dims``: ``None``, ``ALL`` or the smallest ``Part``."""
     n = math.prod(sizes)
@@ -49,17 +66,15 @@ def part(dims, sizes, bits: int):
     while len(dims) > 1:  # the first dimension, where every slice along it is the same
         inner = math.prod(sizes[1:])
         first = bits & ones(inner)
-        if any((bits >> (i * inner)) & ones(inner) != first for i in range(1, sizes[0])):
+        if bits != first * (ones(inner * sizes[0]) // ones(inner)):  # ``first`` repeated, as a number
             break
         bits, dims, sizes = first, dims[1:], sizes[1:]
     while len(dims) > 1:  # the last dimension, where each run along it is all in or all out
-        last, runs = sizes[-1], math.prod(sizes[:-1])
-        run = ones(last)
-        chunks = [(bits >> (i * last)) & run for i in range(runs)]
-        if any(c not in (0, run) for c in chunks):
+        last, text = sizes[-1], _text(bits, math.prod(sizes))
+        kept = text[::last]
+        if kept.translate(_repeat(last)) != text:
             break
-        bits = sum(1 << i for i, c in enumerate(chunks) if c)
-        dims, sizes = dims[:-1], sizes[:-1]
+        bits, dims, sizes = _bits(kept), dims[:-1], sizes[:-1]
     return Part(tuple(dims), tuple(sizes), bits)
 
 
@@ -121,14 +136,9 @@ def _gather(bits: int, sizes: tuple[int, ...], t: int, keep) -> tuple[int, tuple
     if t == 0 and isinstance(keep, range) and keep.step == 1:  # a slice of rows: one shift
         return (bits >> (keep.start * inner)) & ones(len(keep) * inner), (len(keep),) + sizes[1:]
     keep = list(keep)
-    outer = math.prod(sizes[:t])
-    size, run, out = sizes[t], ones(inner), 0
-    for o in range(outer):
-        for new, old in enumerate(keep):
-            chunk = (bits >> ((o * size + old) * inner)) & run
-            if chunk:
-                out |= chunk << ((o * len(keep) + new) * inner)
-    return out, sizes[:t] + (len(keep),) + sizes[t + 1:]
+    outer, size, text = math.prod(sizes[:t]), sizes[t], _text(bits, math.prod(sizes))
+    kept = "".join(text[(o * size + i) * inner:(o * size + i + 1) * inner] for o in range(outer) for i in keep)
+    return _bits(kept), sizes[:t] + (len(keep),) + sizes[t + 1:]
 
 
 def spread(bits: int, n: int, pre: int, post: int) -> int:
@@ -136,15 +146,10 @@ def spread(bits: int, n: int, pre: int, post: int) -> int:
     a run, the whole repeated ``pre`` times)."""
     if pre == 1 and post == 1:
         return bits
-    row, run, k = 0, ones(post), bits
-    while k:
-        low = k & -k
-        row |= run << ((low.bit_length() - 1) * post)
-        k ^= low
-    out, width = 0, n * post
-    for p in range(pre):
-        out |= row << (p * width)
-    return out
+    text = _text(bits, n)
+    if post > 1:
+        text = text.translate(_repeat(post))
+    return _bits(text * pre)
 
 
 def _groups(a: tuple[int, ...], b: tuple[int, ...]):
@@ -202,29 +207,32 @@ def permute(mask, rank: int, perm: list[int]):
     order = sorted(range(len(pos)), key=lambda t: pos[t])
     sizes = tuple(mask.sizes[t] for t in order)
     bits = mask.bits
-    if order != list(range(len(pos))):
-        table, bits, k = _permutation(mask.sizes, tuple(order)), 0, mask.bits
-        while k:
-            low = k & -k
-            bits |= 1 << table[low.bit_length() - 1]
-            k ^= low
+    if order != list(range(len(pos))):  # a transpose within the part (a channel shuffle)
+        picked = _gatherer(mask.sizes, tuple(order))(_text(bits, math.prod(mask.sizes)))
+        bits = _bits("".join(picked))
     return part(tuple(p - rank for p in range(lo, lo + len(pos))), sizes, bits)
 
 
 @lru_cache(maxsize=256)
 def _permutation(sizes: tuple[int, ...], order: tuple[int, ...]) -> list[int]:
-    """Where each row-major index over ``sizes`` goes when the dimensions are put in ``order``."""
+    """For each row-major index over the dimensions put in ``order``, the index over ``sizes``
+    it comes from."""
     new_sizes = [sizes[t] for t in order]
-    strides = [math.prod(new_sizes[i + 1:]) for i in range(len(order))]
+    strides = [math.prod(sizes[t + 1:]) for t in range(len(sizes))]
     table = []
-    for flat in range(math.prod(sizes)):
-        idx, rest = [], flat
-        for size in reversed(sizes):
-            idx.append(rest % size)
-            rest //= size
-        idx.reverse()
-        table.append(sum(idx[t] * strides[i] for i, t in enumerate(order)))
+    for flat in range(math.prod(new_sizes)):
+        rest, source = flat, 0
+        for i in reversed(range(len(order))):
+            source += (rest % new_sizes[i]) * strides[order[i]]
+            rest //= new_sizes[i]
+        table.append(source)
     return table
+
+
+@lru_cache(maxsize=256)
+def _gatherer(sizes: tuple[int, ...], order: tuple[int, ...]):
+    """Picks, from a mask's text, its characters in the permuted order (in C)."""
+    return operator.itemgetter(*_permutation(sizes, order))
 
 
 def take(mask, rank: int, dim: int, keep, drop: bool = False):

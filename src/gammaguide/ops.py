@@ -63,7 +63,7 @@ ROUTING_OPS = frozenset({
     "cat", "stack", "slice", "select", "index_select", "index", "view", "_unsafe_view", "reshape",
     "_reshape_alias", "transpose", "permute", "squeeze", "unsqueeze", "expand", "flip", "roll", "repeat",
     "channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "t", "movedim",
-    "unflatten", "flatten", "narrow", "as_strided", "diagonal", "unfold",
+    "unflatten", "flatten", "narrow", "as_strided", "diagonal", "unfold", "constant_pad_nd",
 }) | SPLIT_OPS
 REDUCTION_OPS = frozenset({
     "sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "norm",

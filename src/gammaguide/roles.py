@@ -35,7 +35,7 @@ from .flow import Flow, collapse
 from .norms import NormFinding
 from .sums import Sums
 from .trace import Graph
-from .walks import Event, walk
+from .walks import Event, reachable, walk
 
 ROLES = ("residual_last", "scale_invariant", "merged", "shortcut", "stream", "head", "unused")
 # Strongest first: the role that protects the skip path wins when walks disagree; a γ some walk
@@ -74,6 +74,7 @@ class Dataflow:
         self.graph = graph
         self.flow: Flow = collapse(graph, finding)
         self.sums = Sums(self.flow)
+        self._reachable: list[int] | None = None
 
     def uses(self) -> dict[str, set[int]]:
         """Parameter name -> the (collapsed) nodes that consume it, seen through views and casts."""
@@ -85,7 +86,9 @@ class Dataflow:
 
     def walk(self, u: int) -> dict[str, str]:
         """Outcomes of the walks forward from node ``u`` that decide its role: role -> evidence."""
-        return evidence(self.flow, walk(self.flow, self.sums, u, complete=False))
+        if self._reachable is None:
+            self._reachable = reachable(self.flow, self.sums)
+        return evidence(self.flow, walk(self.flow, self.sums, u, self._reachable))
 
     def residual_adds(self) -> list[ResidualAdd]:
         flow, out = self.flow, []

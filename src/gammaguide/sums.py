@@ -79,7 +79,6 @@ class Sums:
 
     def __init__(self, flow: Flow):
         self.flow = flow
-        self._ahead: list[int] | None = None  # walks.py's per-op reachability, once computed
         chains = list(_chains(flow))
         inside: set[int] = set()  # sums inside a branch, found so far
         while True:

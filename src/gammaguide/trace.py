@@ -23,7 +23,9 @@ import torch
 from torch.nn.modules import module as _module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .ops import PIECE, RECORDED_OPS, SPLIT_OPS, STACK_REDUCTIONS, SUM_OPS, UNMARKED_WRITES, base_name
+from .ops import (
+    CONV_OPS, NORM_OPS, PIECE, RECORDED_OPS, SPLIT_OPS, STACK_REDUCTIONS, SUM_OPS, UNMARKED_WRITES, base_name,
+)
 from .shapes import MetaRunner
 
 # Leaf kinds: tensors that no traced op produced.
@@ -129,6 +131,15 @@ def _record(args: tuple, kwargs: dict | None, out: Any) -> tuple:
     return tuple(_arg(a) for a in args), _shape_of(out), {k: _arg(v) for k, v in kwargs.items()} if kwargs else None
 
 
+def _record_light(args: tuple, kwargs: dict | None, out: Any) -> tuple:
+    """For convolutions and fused norms, which run often: the shapes of their input and weight
+    and their plain arguments (groups, normalized shape) are all channels.py reads."""
+    spec = tuple(
+        (Arg(a.shape) if i < 2 else None) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)
+    )
+    return spec, (tuple(out.shape) if isinstance(out, torch.Tensor) else None), None
+
+
 def _iter_tensors(obj: Any, _depth: int = 0):
     """Yield every tensor inside nested tuples, lists, dicts and dataclasses
     (Hugging Face ``ModelOutput`` is both a dict and a dataclass)."""
@@ -190,15 +201,17 @@ class _Writes:
 
 _NO_WRITES = _Writes()
 
-# What the recorder does for an op besides appending its node: nothing, keep its arguments, or keep
-# them and give each result its own node (a split's pieces).
-_PLAIN, _KEEP_ARGS, _PIECES = 0, 1, 2
+# What the recorder does for an op besides appending its node: nothing, keep its arguments (some of
+# them), or keep them and give each result its own node (a split's pieces).
+_PLAIN, _KEEP_ARGS, _KEEP_SOME, _PIECES = 0, 1, 2, 3
 
 
 def _recording(func) -> int:
     name = base_name(func)
     if name in SPLIT_OPS:
         return _PIECES
+    if name in CONV_OPS or name in NORM_OPS:
+        return _KEEP_SOME
     return _KEEP_ARGS if name in RECORDED_OPS else _PLAIN
 
 
@@ -332,7 +345,7 @@ class _Recorder(TorchDispatchMode):
                         live[id(o)] = (weakref.ref(o), n)
             g.is_float.append(first_float)
         if recording:
-            g.args[n] = _record(args, kwargs, out)
+            g.args[n] = (_record_light if recording == _KEEP_SOME else _record)(args, kwargs, out)
             if recording == _PIECES and isinstance(out, (list, tuple)):
                 self._pieces(n, out)
 

@@ -44,11 +44,10 @@ class Event:
 _RANK = {"stream": 0, "shortcut": 1, "residual_last": 2, "head": 3, "merged": 4, "scale_invariant": 5}
 
 
-def walk(flow: Flow, sums: Sums, u: int, complete: bool = True) -> list[Event]:
-    """Every end of the walks from node ``u`` (a normalization's output). ``complete=False``:
-    only as many as decide the role (the strongest is among them; see ``_RANK``)."""
+def walk(flow: Flow, sums: Sums, u: int, ahead: list[int] | None = None) -> list[Event]:
+    """Every end of the walks from node ``u`` (a normalization's output). With ``ahead`` (from
+    ``reachable``): only as many as decide the role (the strongest is among them; see ``_RANK``)."""
     events: list[Event] = []
-    ahead = None if complete else _ahead(flow, sums)
     best = 6
     open_sum = open_end = 0  # pending ops from which a residual sum (or the output) can still be reached
     if u in flow.outputs:  # a norm whose own output is returned has no successor to reach it through
@@ -80,11 +79,10 @@ def walk(flow: Flow, sums: Sums, u: int, complete: bool = True) -> list[Event]:
     counted = 0
     while heap:
         if ahead is not None:
-            for e in events[counted:]:
-                best = min(best, _RANK[e.role])
-            counted = len(events)
-            # Stronger than shortcut, residual_last or head: only a residual sum; than merged, also the output.
-            if best == 0 or (best <= 4 and not open_sum and not at_sums and (best < 4 or not open_end)):
+            if counted < len(events):
+                best = min([best] + [_RANK[e.role] for e in events[counted:]])
+                counted = len(events)
+            if best <= 4 and _decided(best, open_sum + len(at_sums), open_end):
                 break
         n, through = heapq.heappop(heap)
         if through == _SUM:
@@ -108,9 +106,13 @@ def walk(flow: Flow, sums: Sums, u: int, complete: bool = True) -> list[Event]:
                 if found is not None:
                     at_sums[member.node].append((found[1], via, reach))
             continue
-        by_pos: dict[int, Reach] = {}
-        for (pos, _), reach in arrived.items():
-            by_pos[pos] = reach_union(by_pos[pos], reach) if pos in by_pos else reach
+        if len(arrived) == 1:
+            ((pos, _), reach), = arrived.items()
+            by_pos = {pos: reach}
+        else:
+            by_pos = {}
+            for (pos, _), reach in arrived.items():
+                by_pos[pos] = reach_union(by_pos[pos], reach) if pos in by_pos else reach
         out = transfer(flow, n, by_pos)
         if out == NOTHING:
             continue
@@ -122,19 +124,26 @@ def walk(flow: Flow, sums: Sums, u: int, complete: bool = True) -> list[Event]:
     return events
 
 
-def _ahead(flow: Flow, sums: Sums) -> list[int]:
+def _decided(best: int, open_sums: int, open_ends: int) -> bool:
+    """Can no pending op lead to an event stronger than ``best``? Stronger than shortcut,
+    residual_last or head is only a residual sum's; stronger than merged, also the output's."""
+    if best == 0:
+        return True
+    if best <= 3:
+        return not open_sums
+    return best == 4 and not open_sums and not open_ends
+
+
+def reachable(flow: Flow, sums: Sums) -> list[int]:
     """For each op: 2 if a walk from it can reach an op of a residual sum, plus 1 if it can reach
-    the model output, without passing another normalization. Computed once per graph."""
-    found = getattr(sums, "_ahead", None)
-    if found is None:
-        found = [0] * len(flow)
-        for n in range(len(flow) - 1, -1, -1):
-            bits = (2 if sums.member(n) is not None else 0) | (1 if n in flow.outputs else 0)
-            for s, _ in flow.succ[n]:
-                if s not in flow.norm_name:
-                    bits |= found[s]
-            found[n] = bits
-        sums._ahead = found
+    the model output, without passing another normalization."""
+    found = [0] * len(flow)
+    for n in range(len(flow) - 1, -1, -1):
+        bits = (2 if sums.member(n) is not None else 0) | (1 if n in flow.outputs else 0)
+        for s, _ in flow.succ[n]:
+            if s not in flow.norm_name:
+                bits |= found[s]
+        found[n] = bits
     return found
 
 
