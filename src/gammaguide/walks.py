@@ -48,59 +48,59 @@ def walk(flow: Flow, sums: Sums, u: int, ahead: list[int] | None = None) -> list
     """Every end of the walks from node ``u`` (a normalization's output). With ``ahead`` (from
     ``reachable``): only as many as decide the role (the strongest is among them; see ``_RANK``)."""
     events: list[Event] = []
-    best = 6
-    open_sum = open_end = 0  # pending ops from which a residual sum (or the output) can still be reached
     if u in flow.outputs:  # a norm whose own output is returned has no successor to reach it through
         events.append(Event("head", u, -1))
-    # (node, through a weighted op) -> {(argument position, source node): what arrives there}
-    pending: dict[tuple[int, bool], dict[tuple[int, int], Reach]] = {}
+    succ, norm_name, outputs, weighted, member_of = flow.succ, flow.norm_name, flow.outputs, flow.weighted, sums.member
+    # Work items are keyed 3 * node + kind, kind 0 (reached with no weighted op on the way), 1 (through
+    # one) or _SUM (a residual sum's last op, looked at once every op of its chain has run): the
+    # heap gives them in execution order. pending: key -> {(argument position, source): what arrives}.
+    pending: dict[int, dict[tuple[int, int], Reach]] = {}
     via_of: dict[int, int] = {}
-    heap: list[tuple[int, bool]] = []
+    heap: list[int] = []
+    opened = [0, 0]  # pending ops from which a residual sum, the output, can still be reached
 
-    def send(n: int, through: bool, via: int, reach: Reach) -> None:
-        nonlocal open_sum, open_end
-        for s, pos in flow.succ[n]:
-            key = (s, through)
+    def send(n: int, kind: int, via: int, reach: Reach) -> None:
+        for s, pos in succ[n]:
+            key = 3 * s + kind
             slot = pending.get(key)
             if slot is None:
                 slot = pending[key] = {}
                 heapq.heappush(heap, key)
-                if through:
+                if kind:
                     via_of.setdefault(s, via)
                 if ahead is not None:
-                    open_sum += ahead[s] >> 1
-                    open_end += ahead[s] & 1
+                    opened[0] += ahead[s] >> 1
+                    opened[1] += ahead[s] & 1
             old = slot.get((pos, n))
             slot[(pos, n)] = reach if old is None else reach_union(old, reach)
 
-    # A residual sum's arrivals are looked at together, once every op of its chain has run.
-    at_sums: dict[int, list[tuple[int, int, Reach]]] = {}  # last op -> (operand, via, reach)
-    send(u, False, -1, START)
-    counted = 0
+    at_sums: dict[int, list[tuple[int, int, Reach]]] = {}  # a sum's last op -> (operand, via, reach)
+    send(u, 0, -1, START)
+    best, counted = 6, 0
     while heap:
         if ahead is not None:
             if counted < len(events):
                 best = min([best] + [_RANK[e.role] for e in events[counted:]])
                 counted = len(events)
-            if best <= 4 and _decided(best, open_sum + len(at_sums), open_end):
+            if best <= 4 and _decided(best, opened[0] + len(at_sums), opened[1]):
                 break
-        n, through = heapq.heappop(heap)
-        if through == _SUM:
+        n, kind = divmod(heapq.heappop(heap), 3)
+        if kind == _SUM:
             events.extend(_at_sum(flow, sums, u, n, at_sums.pop(n), send))
             continue
-        arrived = pending.pop((n, through))
+        arrived = pending.pop(3 * n + kind)
         if ahead is not None:
-            open_sum -= ahead[n] >> 1
-            open_end -= ahead[n] & 1
-        via = via_of.get(n, -1) if through else -1
-        if n in flow.norm_name:
+            opened[0] -= ahead[n] >> 1
+            opened[1] -= ahead[n] & 1
+        via = via_of.get(n, -1) if kind else -1
+        if n in norm_name:
             events.append(_at_norm(flow, n, via, arrived))
             continue
-        member = sums.member(n)
+        member = member_of(n)
         if member is not None:
             if member.node not in at_sums:
                 at_sums[member.node] = []
-                heapq.heappush(heap, (member.node, _SUM))
+                heapq.heappush(heap, 3 * member.node + _SUM)
             for (pos, _), reach in arrived.items():
                 found = sums.operand_at(n, pos)
                 if found is not None:
@@ -116,11 +116,11 @@ def walk(flow: Flow, sums: Sums, u: int, ahead: list[int] | None = None) -> list
         out = transfer(flow, n, by_pos)
         if out == NOTHING:
             continue
-        if flow.weighted[n] and not through:
-            through, via = True, n
-        if n in flow.outputs:
+        if not kind and weighted[n]:
+            kind, via = 1, n
+        if n in outputs:
             events.append(Event("head", n, via, reach=out))
-        send(n, through, via, out)
+        send(n, kind, via, out)
     return events
 
 
@@ -164,7 +164,7 @@ def _at_sum(flow: Flow, sums: Sums, u: int, n: int, arrived: list[tuple[int, int
         out = additive([reach for _, _, reach in arrived])
         via = min(via for _, via, _ in arrived)
         events = [Event("head", n, via, reach=out)] if n in flow.outputs else []
-        send(n, True, via, out)
+        send(n, 1, via, out)
         return events
     out = []
     for index, via, reach in arrived:
@@ -178,4 +178,4 @@ def _at_sum(flow: Flow, sums: Sums, u: int, n: int, arrived: list[tuple[int, int
     return out
 
 
-_SUM = 2  # the heap key of a residual sum's last op, after its own arrivals (False, True)
+_SUM = 2  # the kind of a residual sum's last op in the heap: after its own arrivals (kinds 0, 1)
