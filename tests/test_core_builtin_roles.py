@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide import models
+from gammaguide.models import BasicBlock, Bottleneck, PreActBlock
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
-from gammaguide import models
-from gammaguide.models import BasicBlock, Bottleneck, PreActBlock
 
 GUIDELINE_DECAY = {"residual_last", "scale_invariant"}
 
@@ -83,7 +83,8 @@ def test_resnet20_counts_match_he_et_al(reports):
     _, report = reports["resnet20"]
     blocks = 3 * (20 - 2) // 6
     assert report.counts() == {
-        "stream": 1, "residual_last": blocks, "scale_invariant": blocks, "shortcut": 2, "head": 0, "unused": 0,
+        "stream": 1, "residual_last": blocks, "scale_invariant": blocks, "merged": 0, "shortcut": 2, "head": 0,
+        "unused": 0,
     }
 
 

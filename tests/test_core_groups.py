@@ -249,7 +249,7 @@ def test_bad_group_arguments(zoo):
 
 
 def test_policies_and_roles_are_published():
-    assert gg.ROLES == ("residual_last", "scale_invariant", "shortcut", "stream", "head", "unused")
+    assert gg.ROLES == ("residual_last", "scale_invariant", "merged", "shortcut", "stream", "head", "unused")
     assert {"guidelines", "all", "no_norm"} <= set(gg.POLICIES)
     assert {f"only:{r}" for r in gg.ROLES if r != "unused"} <= set(gg.POLICIES)
 

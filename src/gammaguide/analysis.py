@@ -333,17 +333,27 @@ class ResidualVariance:
 
 def residual_variances(model: nn.Module, example_inputs: Any = None) -> list[ResidualVariance]:
     """Variance of the branch and skip inputs of every residual addition, in eval mode,
-    measured during one traced forward pass (before an in-place add overwrites them)."""
+    measured during one traced forward pass (before an in-place add overwrites them). For a sum
+    of several branches, the branch variance is the sum of theirs."""
     traced = trace_model(model, example_inputs, observe_adds=_variance)
+    seen, names = traced.graph.add_observations, traced.graph.op_names()
+
+    def variance(operand: tuple[int, int]) -> float | None:
+        node, pos = operand
+        if names[node] not in _PLAIN_SUM_OPS or pos >= len(seen.get(node, ())):
+            return None  # a product (``addcmul``) or a stack: its operand itself is not observed
+        return seen[node][pos]
+
     out = []
     for r in traced.flow.residual_adds():
-        variances = traced.graph.add_observations.get(r.node)
-        if variances is None:
+        skip, branches = variance(r.skip_operand), [variance(b) for b in r.branch_operands]
+        if skip is None or None in branches:
             continue
-        skip = variances[r.skip_arg]
-        branch = variances[1 - r.skip_arg]
-        out.append(ResidualVariance(r.module_name, branch, skip))
+        out.append(ResidualVariance(r.module_name, sum(branches), skip))
     return out
+
+
+_PLAIN_SUM_OPS = frozenset({"add", "add_", "sub", "sub_", "rsub", "stack"})
 
 
 def _variance(t: Any) -> float:

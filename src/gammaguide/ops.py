@@ -33,7 +33,7 @@ VIEW_OPS = frozenset({
     "unsqueeze", "squeeze", "flatten", "unflatten", "select", "slice", "alias", "detach", "as_strided",
     "contiguous", "clone", "_to_copy", "to", "_to_dtype", "lift_fresh", "lift_fresh_copy", "view_as",
     "expand_as", "split", "split_with_sizes", "chunk", "unbind", "movedim", "_conj", "_neg_view",
-    "numpy_T", "mT", "type_as", "repeat",
+    "numpy_T", "mT", "type_as", "repeat", "getitem",
 })
 
 # Ops that scale a tensor elementwise by another.
@@ -42,6 +42,39 @@ SCALE_OPS = MUL_OPS | {"div", "div_"}
 
 # Residual additions are spelled with these (``+``, ``+=``, ``torch.add``, ``add_``).
 ADD_OPS = frozenset({"add", "add_"})
+# Every op that adds tensors, and may therefore be (part of) a sum: ``x - (-b)`` adds ``b``,
+# ``x.addcmul(b, t)`` adds ``b * t`` (see sums.py).
+SUM_OPS = ADD_OPS | frozenset({"sub", "sub_", "rsub", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_"})
+# ``torch.addmm(x, h, w)`` adds ``h @ w`` to ``x``: a sum when ``x`` is computed from the input
+# (with a bias parameter in its place, it is a linear layer).
+FUSED_MATMUL_SUMS = frozenset({"addmm", "baddbmm", "addbmm", "addmv"})
+# ``torch.stack([x, b]).sum(0)`` sums its stacked tensors too.
+STACK_REDUCTIONS = frozenset({"sum", "mean"})
+
+# Ops whose results are several tensors cut from one (``chunk``, ``split``, ``unbind``). The
+# trace gives each piece a node of its own (op ``PIECE``), so that the pieces can go their own ways.
+SPLIT_OPS = frozenset({"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "unbind"})
+PIECE = "getitem"
+
+# Ops whose arguments the trace keeps (tensors by shape), because which channels of their output
+# come from which channels of their input depends on them (channels.py): routing ops, reductions,
+# convolutions (their groups) and fused normalizations (what they normalize over).
+ROUTING_OPS = frozenset({
+    "cat", "stack", "slice", "select", "index_select", "index", "view", "_unsafe_view", "reshape",
+    "_reshape_alias", "transpose", "permute", "squeeze", "unsqueeze", "expand", "flip", "roll", "repeat",
+    "channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "t", "movedim",
+    "unflatten", "flatten", "narrow", "as_strided", "diagonal", "unfold", "constant_pad_nd",
+}) | SPLIT_OPS
+REDUCTION_OPS = frozenset({
+    "sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "norm",
+    "linalg_vector_norm", "logsumexp", "prod", "_softmax", "softmax", "_log_softmax", "log_softmax",
+    "_safe_softmax", "cumsum", "nansum", "nanmean",
+})
+CONV_OPS = frozenset({
+    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "mkldnn_convolution", "cudnn_convolution",
+    "cudnn_convolution_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+})
+RECORDED_OPS = ROUTING_OPS | REDUCTION_OPS | CONV_OPS | NORM_OPS
 
 
 @lru_cache(maxsize=None)

@@ -38,8 +38,12 @@ def _gamma(*decayed: str) -> dict[str, bool]:
     return {r: r in decayed for r in ROLES}
 
 
+# ``merged`` (a γ whose features are mixed with other features before any norm sees them alone; the
+# paper has no category for it) is decayed by ``guidelines``: it is not scale-invariant, but like
+# γ_last it sets how much its features count next to the others, and it scales no skip path.
+# ``all`` decays it, ``no_norm`` and ``no_gamma`` do not, ``only:merged`` decays it alone.
 NAMED_POLICIES: dict[str, Policy] = {
-    "guidelines": Policy("guidelines", _gamma("residual_last", "scale_invariant")),
+    "guidelines": Policy("guidelines", _gamma("residual_last", "scale_invariant", "merged")),
     "all": Policy("all", _gamma(*ROLES), beta=True, bias=True, other=True),
     "no_norm": Policy("no_norm", _gamma()),
     "no_gamma": Policy("no_gamma", _gamma()),

@@ -42,6 +42,26 @@ def _allocates_fresh(func) -> bool:
     )
 
 
+# In-place ops that change the shape or strides of the tensor they write into.
+_RESHAPING_IN_PLACE = frozenset({
+    "resize_", "resize_as_", "t_", "transpose_", "unsqueeze_", "squeeze_", "as_strided_", "set_", "swapdims_",
+    "swapaxes_",
+})
+
+
+def _in_place_keeping_shape(func) -> bool:
+    """``relu_``, ``hardswish_``, ``clamp_``, ``fill_``...: an op that writes its result into its
+    first argument, whose shape and strides it keeps. Given that one tensor alone, on meta it
+    changes nothing a meta tensor has, so it need not run (``hardswish_``'s meta kernel is a
+    Python decomposition: a quarter of MobileNetV3's pass)."""
+    schema = func._schema
+    first = schema.arguments[0] if schema.arguments else None
+    return (
+        first is not None and first.alias_info is not None and first.alias_info.is_write
+        and len(schema.returns) == 1 and base_name(func) not in _RESHAPING_IN_PLACE
+    )
+
+
 def _tensor_spec(t: torch.Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype)
 
@@ -92,6 +112,7 @@ class MetaRunner:
 
     _cache: dict[tuple, Any] = {}  # shared by every runner: layer shapes recur across analyses
     _fresh: dict[int, bool] = {}  # id(op) -> allocates fresh outputs
+    _in_place: dict[int, bool] = {}  # id(op) -> writes into its first argument, keeping its shape
 
     def __init__(self) -> None:
         # id(real tensor) -> (real tensor, its twin); holding the real keeps its id unique.
@@ -137,6 +158,11 @@ class MetaRunner:
         if fresh is None:
             fresh = self._fresh[id(func)] = _allocates_fresh(func)
         if not fresh:  # views and in-place ops must alias their arguments: no cache
+            in_place = self._in_place.get(id(func))
+            if in_place is None:
+                in_place = self._in_place[id(func)] = _in_place_keeping_shape(func)
+            if in_place and not kwargs and sum(isinstance(a, torch.Tensor) for a in args) == 1:
+                return args[0]  # the meta tensor it writes into is its result, unchanged
             return func(*args, **kwargs) if kwargs else func(*args)
         # The default dtype decides the result of, say, dividing integer tensors.
         key = (func, _spec(args), _spec(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())

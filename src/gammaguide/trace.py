@@ -17,14 +17,16 @@ import contextlib
 import gc
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.nn.modules import module as _module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .module_state import snapshot
-from .ops import UNMARKED_WRITES, base_name
+from .ops import (
+    CONV_OPS, NORM_OPS, PIECE, RECORDED_OPS, SPLIT_OPS, STACK_REDUCTIONS, SUM_OPS, UNMARKED_WRITES, base_name,
+)
 from .shapes import MetaRunner
 
 # Leaf kinds: tensors that no traced op produced.
@@ -56,8 +58,14 @@ class Graph:
     param_nodes: dict[str, int] = field(default_factory=dict)  # parameter name -> leaf node
     calls: list[Call] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
-    # For observed adds (see ``trace(observe_adds=...)``): node -> (f(arg0), f(arg1)).
-    add_observations: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    # For observed sums (see ``trace(observe_adds=...)``): node -> f(each tensor argument), in the
+    # order of ``ins[node]``.
+    add_observations: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    # The arguments of the ops in ``RECORDED_OPS`` (channels.py needs them), tensors as ``Arg``s,
+    # the shape of their result (a tuple of shapes for several results) and their keyword
+    # arguments: node -> (args, shape, kwargs or None).
+    # A split's pieces (nodes of op ``PIECE``) hold their index: node -> (index,).
+    args: dict[int, tuple] = field(default_factory=dict)
     output_tensors: list[torch.Tensor] = field(default_factory=list)
     # Parameters of lazy modules that the pass materialized, made lazy again: id -> their shape.
     lazy_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
@@ -92,8 +100,47 @@ def _op_names(graph: Graph) -> list[str]:
 
 _UNKNOWN = (CONST, None)  # a tensor that is neither a parameter, a buffer nor an input
 _NO_INPUTS: tuple[int, ...] = ()  # shared by every leaf node: nothing appends to it
+_INDEX_VALUES_LIMIT = 4096  # an index tensor's values are kept up to this many elements
 
-_ADD_OPS = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.add.out})
+
+class Arg(NamedTuple):
+    """A tensor argument of a recorded op: its shape, and its values when it is a small integer
+    tensor with real values (the indices of ``index_select``; on meta tensors they are unknown).
+    A named tuple: one is made for every tensor argument of every recorded op."""
+
+    shape: tuple[int, ...]
+    values: tuple[int, ...] | None = None
+
+
+def _arg(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        if a.is_floating_point() or a.is_meta or a.is_complex() or a.numel() > _INDEX_VALUES_LIMIT:
+            return Arg(a.shape)
+        return Arg(a.shape, tuple(a.reshape(-1).tolist()))
+    if isinstance(a, (list, tuple)) and a and (isinstance(a[0], torch.Tensor) or a[0] is None):
+        return [_arg(b) for b in a]  # a tensor list (``cat``), or optional indices (``x[:, idx]``)
+    return a
+
+
+def _shape_of(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (list, tuple)):
+        return tuple(tuple(o.shape) if isinstance(o, torch.Tensor) else None for o in out)
+    return None
+
+
+def _record(args: tuple, kwargs: dict | None, out: Any) -> tuple:
+    return tuple(_arg(a) for a in args), _shape_of(out), {k: _arg(v) for k, v in kwargs.items()} if kwargs else None
+
+
+def _record_light(args: tuple, kwargs: dict | None, out: Any) -> tuple:
+    """For convolutions and fused norms, which run often: the shapes of their input and weight
+    and their plain arguments (groups, normalized shape) are all channels.py reads."""
+    spec = tuple(
+        (Arg(a.shape) if i < 2 else None) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)
+    )
+    return spec, (tuple(out.shape) if isinstance(out, torch.Tensor) else None), None
 
 
 def _iter_tensors(obj: Any, _depth: int = 0):
@@ -157,6 +204,25 @@ class _Writes:
 
 _NO_WRITES = _Writes()
 
+# What the recorder does for an op besides appending its node: nothing, keep its arguments (some of
+# them), or keep them and give each result its own node (a split's pieces).
+_PLAIN, _KEEP_ARGS, _KEEP_SOME, _PIECES = 0, 1, 2, 3
+
+
+def _recording(func) -> int:
+    name = base_name(func)
+    if name in SPLIT_OPS:
+        return _PIECES
+    if name in CONV_OPS or name in NORM_OPS:
+        return _KEEP_SOME
+    return _KEEP_ARGS if name in RECORDED_OPS else _PLAIN
+
+
+def _observed(func) -> bool:
+    """Ops whose tensor arguments ``observe_adds`` sees: every op that may be part of a sum."""
+    name = base_name(func)
+    return name in SUM_OPS or name == "stack" or name in STACK_REDUCTIONS
+
 
 class _Recorder(TorchDispatchMode):
     """Appends one node per aten op to ``graph``; kept lean because it runs per op."""
@@ -179,7 +245,7 @@ class _Recorder(TorchDispatchMode):
         self.cur_call = -1
         self.observe_adds = observe_adds
         self.view_writes: dict[int, int] = {}  # storage -> last node that wrote into it through a view
-        self._writes: dict[int, _Writes] = {}  # id(op) -> the arguments it writes into
+        self._info: dict[int, tuple[_Writes, int, bool]] = {}  # id(op) -> (writes, recording, observed)
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param/buffer, value before)
         self.shared: dict[str, int] = {}  # the one leaf node of all buffers, of all constants
 
@@ -248,13 +314,13 @@ class _Recorder(TorchDispatchMode):
         runner = self.runner if on_meta else None
         g = self.g
         n = len(g.ops)
-        if self.observe_adds is not None and func in _ADD_OPS and len(ins) == 2:
+        info = self._info.get(id(func))  # ops are long-lived singletons; their ids hash fast
+        if info is None:
+            info = self._info[id(func)] = (_Writes.of(func) or _NO_WRITES, _recording(func), _observed(func))
+        writes, recording, observed = info
+        if observed and self.observe_adds is not None:
             # Measured before the op runs: an in-place add overwrites its first argument.
-            g.add_observations[n] = (self.observe_adds(args[0]), self.observe_adds(args[1]))
-
-        writes = self._writes.get(id(func))  # ops are long-lived singletons; their ids hash fast
-        if writes is None:
-            writes = self._writes[id(func)] = _Writes.of(func) or _NO_WRITES
+            g.add_observations[n] = tuple(self.observe_adds(t) for t in _iter_tensors((args, kwargs or {})))
         written = ()
         if writes is not _NO_WRITES:
             written = writes.marked(args, kwargs)
@@ -282,6 +348,10 @@ class _Recorder(TorchDispatchMode):
                             first_float = o.is_floating_point()
                         live[id(o)] = (weakref.ref(o), n)
             g.is_float.append(first_float)
+        if recording:
+            g.args[n] = (_record_light if recording == _KEEP_SOME else _record)(args, kwargs, out)
+            if recording == _PIECES and isinstance(out, (list, tuple)):
+                self._pieces(n, out)
 
         for t in written:
             if t is not out:  # an in-place op returns what it wrote into: bound above
@@ -289,6 +359,19 @@ class _Recorder(TorchDispatchMode):
             if t._is_view():
                 self.view_writes[t.untyped_storage()._cdata] = n
         return out
+
+    def _pieces(self, n: int, out: list | tuple) -> None:
+        """One node per piece of a split, so that each piece is followed on its own."""
+        g = self.g
+        for i, o in enumerate(out):
+            if isinstance(o, torch.Tensor):
+                p = len(g.ops)
+                g.ops.append(PIECE)
+                g.ins.append((n,))
+                g.call.append(self.cur_call)
+                g.is_float.append(o.is_floating_point())
+                g.args[p] = (i,)
+                self.live[id(o)] = (weakref.ref(o), p)
 
     def _save_before_write(self, *written: list[torch.Tensor]) -> None:
         """Keep the value of a parameter or buffer the forward pass is about to overwrite (a BN
@@ -385,7 +468,9 @@ def trace(
 ) -> Graph:
     """Run ``model(*args, **kwargs)`` once and return its dataflow graph.
 
-    ``observe_adds(tensor)`` is applied to both tensor arguments of every add before it runs.
+    ``observe_adds(tensor)`` is applied to every tensor argument of every op that may be part of a
+    sum (additions, subtractions, ``addcmul``, ``stack`` and the reductions that sum a stack) before
+    it runs.
     ``modules``: ``model.named_modules(remove_duplicate=False)``, when the caller has walked it.
     ``on_meta``: run on shapes alone (see ``shapes.py``): the inputs are given as meta twins.
     The caller decides the model's mode and grad state; exceptions from the forward pass

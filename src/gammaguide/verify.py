@@ -1,31 +1,45 @@
-"""Check roles numerically, on a copy of the model in train mode.
+"""Check roles numerically, on a private copy of the model in train mode.
 
-- ``scale_invariant``: doubling γ and β must leave the model's output unchanged, because
-  the next normalization divides the doubling out. This holds only when every op between
-  the two norms is positively homogeneous (ReLU, pooling, conv/linear without bias...);
-  otherwise the check is "not_applicable".
-- ``residual_last``: zeroing γ and β must turn the residual branch off: the branch input
-  of the residual add it reaches is exactly zero. A bias (or another op that does not map
-  zero to zero) between the norm and the add makes the check "not_applicable".
+- ``scale_invariant``: doubling γ and β must leave the model's output unchanged, because the
+  next normalization divides the doubling out. This holds only when every op between the two
+  norms is positively homogeneous (ReLU, pooling, conv/linear without bias...); otherwise the
+  check is "not_applicable".
+- ``merged``: doubling γ and β must change the output (its features are mixed with others before
+  a norm could divide the doubling out), on the same homogeneous paths (the mixing itself aside).
+- ``residual_last``: zeroing γ and β must switch its own contribution to each residual sum off:
+  the elements of the branch operand that carry this γ are exactly zero (the other branches of a
+  sum of several are not its business). A bias (or another op that does not map zero to zero)
+  on the way, or a branch where this γ's features are mixed with others, makes the check
+  "not_applicable".
 - Other roles have no numerical check ("not_applicable").
+
+Two things would make a check meaningless rather than wrong, and the copy is set up against
+them: a normalization's ``eps`` breaks the invariance by about eps / variance, which dominates
+where activations are small (late layers at small input sizes), so the copy's norms get an eps
+of 1e-30 (float32 and float64 models); and BatchNorm in train mode needs more than one value per
+channel, so when the inputs give a norm a single one every check is "not_applicable" with an
+input size that works.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .analysis import analyze
+from .channels import ALL, Part
 from .errors import GammaGuideError
-from .inputs import prepare_inputs, unwrap
+from .inputs import default_input_size, describe_inputs, prepare_inputs, unwrap
 from .norms import find_norms
-from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, VIEW_OPS
+from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, SUM_OPS, VIEW_OPS
 from .roles import Dataflow
-from .trace import trace
+from .trace import LEAF_KINDS, _iter_tensors, _no_fused_fast_paths, trace
 
 RESULTS = ("pass", "fail", "not_applicable")
 
@@ -35,14 +49,18 @@ _HOMOGENEOUS = VIEW_OPS | frozenset({
     "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "adaptive_max_pool2d", "mean", "sum", "amax", "max", "cat", "stack", "native_dropout", "dropout",
-    "constant_pad_nd", "upsample_nearest2d", "flip", "roll", "index_select", "pixel_shuffle",
+    "constant_pad_nd", "upsample_nearest2d", "flip", "roll", "index_select", "pixel_shuffle", "index",
+    "channel_shuffle", "native_channel_shuffle", "upsample_bilinear2d", "_upsample_bilinear2d_aa",
+    "upsample_nearest1d", "upsample_nearest3d", "_unsafe_index",
 })
 # Ops that may map zero to something else.
 _NOT_ZERO_PRESERVING = frozenset({
     "sigmoid", "exp", "cos", "softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax",
-    "hardsigmoid", "elu", "selu", "celu", "softplus", "rsub", "sub", "sub_", "addmm", "baddbmm",
+    "hardsigmoid", "elu", "selu", "celu", "softplus", "rsub", "addmm", "baddbmm",
     "_addmm_activation", "clamp_min", "clamp", "hardtanh", "fill", "fill_",
 })
+_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+_NO_EPS = 1e-30
 
 
 @dataclass(frozen=True)
@@ -55,16 +73,54 @@ class Check:
     detail: str
 
 
-def _max_abs(t: Any) -> float:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return float("nan")
-    return float(t.detach().abs().max()) if t.numel() else 0.0
-
-
 def _relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    num = sum(float((o.float() - r.float()).norm() ** 2) for o, r in zip(outs, refs) if r.is_floating_point())
-    den = sum(float(r.float().norm() ** 2) for r in refs if r.is_floating_point())
+    pairs = [(o, r) for o, r in zip(outs, refs, strict=True) if r.is_floating_point() and o.shape == r.shape]
+    num = sum(float((o.float() - r.float()).norm() ** 2) for o, r in pairs)
+    den = sum(float(r.float().norm() ** 2) for _, r in pairs)
     return (num ** 0.5) / max(den ** 0.5, 1e-30)
+
+
+def _without_eps(model: nn.Module) -> None:
+    """Set the eps of every normalization-like module of the private copy to 1e-30, so that
+    doubling γ and β is divided out exactly (eps alone would break it by eps / variance)."""
+    dtypes = {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()}
+    if not dtypes or not dtypes <= {torch.float32, torch.float64}:
+        return  # 1e-30 is not a number in half precision
+    for m in model.modules():
+        for attr in _EPS_ATTRIBUTES:
+            value = getattr(m, attr, None)
+            if isinstance(value, float) and 0 < value < 1:
+                setattr(m, attr, _NO_EPS)
+
+
+class _Enough(Exception):
+    """Raised to end a forward pass once every op a check looks at has run."""
+
+
+class _Capture(TorchDispatchMode):
+    """Keeps, by the ops' order of execution, the tensor arguments of some ops and the result of
+    others, and ends the forward pass after the last of them."""
+
+    def __init__(self, arguments: set[int], results: set[int]):
+        super().__init__()
+        self.arguments, self.results, self.count = arguments, results, 0
+        self.last = max(arguments | results, default=-1)
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.out: dict[int, torch.Tensor] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        k = self.count
+        self.count += 1
+        if k in self.arguments:
+            self.kept[k] = [t.detach().clone() for t in _iter_tensors((args, kwargs or {}))]
+        out = func(*args, **(kwargs or {}))
+        if k in self.results:
+            first = next(_iter_tensors(out), None)
+            if first is not None:
+                self.out[k] = first.detach().clone()
+        if k >= self.last:
+            raise _Enough
+        return out
 
 
 class _Probe:
@@ -74,28 +130,86 @@ class _Probe:
         self.model = model
         self.args, self.kwargs = prepare_inputs(model, example_inputs)
         self.seed = seed
-        base = self.run()
-        self.graph = base
-        self.finding = find_norms(base, model)
-        self.flow = Dataflow(base, self.finding)
-        self.uses = self.flow.uses()
-        self.refs = [t.detach().clone() for t in base.output_tensors]
-        self.base_adds = base.add_observations
+        graph = self.graph = self._traced()
+        self.finding = find_norms(graph, model)
+        self.df = Dataflow(graph, self.finding)
+        self.flow, self.sums = self.df.flow, self.df.sums
+        self.uses = self.df.uses()
+        # The order of execution of every op node (leaves and split pieces are no ops).
+        self.order: dict[int, int] = {}
+        for i, op in enumerate(graph.ops):
+            if not isinstance(op, str):
+                self.order[i] = len(self.order)
+        # Each module call's number among the calls of its module, to find it again by hooks.
+        self.nth: dict[int, int] = {}
+        counts: dict[int, int] = {}
+        for c, call in enumerate(graph.calls):
+            self.nth[c] = counts.get(id(call.module), 0)
+            counts[id(call.module)] = self.nth[c] + 1
+        self.norm_outputs = self.run(results=set(self.flow.norm_name))[1]  # the reference
 
-    def run(self):
-        # The same seed for every run, so dropout and drop-path draw the same masks.
+    def _traced(self):
+        # The same seed for every run, so that dropout and drop-path draw the same masks.
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return trace(self.model, self.args, self.kwargs, observe_adds=_max_abs)
+            return trace(self.model, self.args, self.kwargs)
+
+    def run(self, arguments: set[int] = frozenset(), results: set[int] = frozenset()):
+        """One forward pass, as far as needed: the tensor arguments of the op nodes ``arguments``
+        and the result of the op nodes ``results``, by node."""
+        if not arguments and all(n in self.flow.norm_call for n in results):
+            return {}, self._module_outputs(results)
+        mode = _Capture({self.order[n] for n in arguments if n in self.order},
+                        {self.order[n] for n in results if n in self.order})
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), _no_fused_fast_paths(), mode:
+                torch.manual_seed(self.seed)
+                self.model(*self.args, **self.kwargs)
+        except _Enough:
+            pass
+        by_order = {o: n for n, o in self.order.items()}
+        return ({by_order[o]: v for o, v in mode.kept.items()}, {by_order[o]: v for o, v in mode.out.items()})
+
+    def _module_outputs(self, norms: set[int]) -> dict[int, torch.Tensor]:
+        """The outputs of the normalization module calls ``norms``, by forward hooks: a plain
+        forward pass, without a dispatch mode's cost on every op."""
+        calls = self.graph.calls
+        wanted = {(id(calls[self.flow.norm_call[n]].module), self.nth[self.flow.norm_call[n]]): n for n in norms}
+        seen: dict[int, int] = {}
+        out: dict[int, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            k = seen.get(id(module), 0)
+            seen[id(module)] = k + 1
+            node = wanted.get((id(module), k))
+            if node is not None:
+                first = next(_iter_tensors(output), None)
+                if first is not None:
+                    out[node] = first.detach().clone()
+                if len(out) == len(wanted):
+                    raise _Enough
+
+        modules = {id(calls[self.flow.norm_call[n]].module): calls[self.flow.norm_call[n]].module for n in norms}
+        handles = [m.register_forward_hook(hook) for m in modules.values()]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), _no_fused_fast_paths():
+                torch.manual_seed(self.seed)
+                self.model(*self.args, **self.kwargs)
+        except _Enough:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
 
     def path_nodes(self, u: int, stop: set[int]) -> set[int]:
         """Nodes strictly between ``u`` and the nodes in ``stop`` on forward walks from ``u``."""
-        flow = self.flow
+        flow, sums = self.flow, self.sums
         reach: set[int] = set()
         stack = [s for s, _ in flow.succ[u]]
         while stack:
             n = stack.pop()
-            if n in reach or n in stop or n in flow.norm_name or flow.residual(n) is not None:
+            if n in reach or n in stop or n in flow.norm_name or sums.member(n) is not None:
                 continue
             reach.add(n)
             stack.extend(s for s, _ in flow.succ[n])
@@ -109,13 +223,29 @@ class _Probe:
                     changed = True
         return useful
 
+    def inside_after(self, u: int, gamma: str) -> set[int]:
+        """The ops of normalization ``u``'s own call that run after it applies ``gamma``: an
+        activation fused into the norm module (timm's ``BatchNormAct2d``) acts on the γ's output."""
+        call = self.flow.norm_call.get(u)
+        if call is None:
+            return set()
+        c = self.graph.calls[call]
+        root, ins, names = self.flow.root, self.graph.ins, self.flow.names
+        first = next((i for i in range(c.start, c.end) if any(root[k] == gamma for k in ins[i])), None)
+        if first is None:
+            return set()
+        return {i for i in range(first + 1, c.end) if names[i] not in LEAF_KINDS and self.flow.act[i]
+                and root[i] is None}
+
     def _act_inputs(self, n: int) -> int:
         return sum(1 for k in self.graph.ins[n] if self.flow.act[k])
 
-    def homogeneous(self, nodes: set[int]) -> str | None:
-        """None if every op is positively homogeneous in its activation input, else the culprit."""
+    def homogeneous(self, nodes: set[int], mixing_allowed: bool = False) -> str | None:
+        """None if every op is positively homogeneous in its activation input, else the culprit.
+        ``mixing_allowed``: sums with other features count as homogeneous (for ``merged``)."""
+        names = self.flow.names
         for n in sorted(nodes):
-            name = self.flow.names[n]
+            name = names[n]
             others = len(self.graph.ins[n]) - self._act_inputs(n)
             if name in _HOMOGENEOUS or (name in ("mm", "bmm", "matmul") and others <= 1):
                 continue
@@ -125,18 +255,58 @@ class _Probe:
                 continue
             if name in ADD_OPS and self._act_inputs(n) == 2 and all(k in nodes for k in self.graph.ins[n]):
                 continue
+            if mixing_allowed and name in SUM_OPS and self._act_inputs(n) == len(self.graph.ins[n]):
+                continue
             return f"{name} in {self.flow.name(n)}"
         return None
 
-    def zero_preserving(self, nodes: set[int]) -> str | None:
+    def zero_preserving(self, nodes: set[int], u: int) -> str | None:
+        names, rep = self.flow.names, self.flow.rep
         for n in sorted(nodes):
-            name = self.flow.names[n]
+            name = names[n]
+            if name.startswith(("scaled_dot_product", "_scaled_dot_product")):
+                value = rep[self.graph.ins[n][2]] if len(self.graph.ins[n]) > 2 else -1
+                if value in nodes or value == u:
+                    continue  # zero values give a zero output, whatever the weights
+                return f"{name} (zero queries or keys attend uniformly) in {self.flow.name(n)}"
             others = len(self.graph.ins[n]) - self._act_inputs(n)
-            if name in _NOT_ZERO_PRESERVING or (name in ADD_OPS and self._act_inputs(n) < 2):
+            if name in _NOT_ZERO_PRESERVING or (name in SUM_OPS and self._act_inputs(n) < len(self.graph.ins[n])):
                 return f"{name} in {self.flow.name(n)}"
             if name in MATMUL_OPS and others >= 2:
                 return f"{name} with a bias in {self.flow.name(n)}"
         return None
+
+
+def _random_default(model: nn.Module, example_inputs: Any, seed: int) -> Any:
+    """Without example inputs, an image model gets a batch of two random images of its default
+    size: analyze's default zero image would give every normalization constant channels, where
+    no doubling or zeroing can show anything."""
+    if example_inputs is not None:
+        return example_inputs
+    size = default_input_size(model)
+    if size is None:
+        return None  # prepare_inputs says what to pass
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, *size), generator=generator)
+    return x.to(param.device, param.dtype) if param is not None else x
+
+
+def _single_value_per_channel(exc: BaseException) -> bool:
+    return isinstance(exc, ValueError) and "more than 1 value per channel" in str(exc)
+
+
+def _larger_input(args: tuple, kwargs: dict) -> str:
+    """An input description with twice the batch, for a norm that saw one value per channel."""
+    shapes = describe_inputs(args, kwargs)
+    out = []
+    for s in shapes:
+        head, _, dims = s.rpartition("[")
+        sizes = dims.rstrip("]").split(", ")
+        if sizes and sizes[0].isdigit():
+            sizes[0] = str(max(2, 2 * int(sizes[0])))
+        out.append(f"{head}[{', '.join(sizes)}]")
+    return ", ".join(out)
 
 
 def verify(model: nn.Module, example_inputs: Any = None, *, rtol: float = 1e-3, seed: int = 0) -> list[Check]:
@@ -149,68 +319,163 @@ def verify(model: nn.Module, example_inputs: Any = None, *, rtol: float = 1e-3, 
     if any(p.device.type == "meta" for p in inner.parameters()):
         raise GammaGuideError("verify runs the model on real numbers; it cannot check a model on the meta device. "
                               "Use analyze() for meta models, or build the model on a real device.")
+    example_inputs = _random_default(inner, example_inputs, seed)
     report = analyze(model, example_inputs, warn=False)
     work = copy.deepcopy(inner).train()
-    probe = _Probe(work, example_inputs, seed)
+    _without_eps(work)
+    try:
+        probe = _Probe(work, example_inputs, seed)
+    except Exception as exc:  # noqa: BLE001 - a train-mode pass that fails is reported, not raised
+        if not _single_value_per_channel(exc):
+            raise
+        args, kwargs = prepare_inputs(work, example_inputs)
+        given = ", ".join(describe_inputs(args, kwargs))
+        why = (f"a BatchNorm in train mode sees one value per channel with inputs {given}, so nothing can be "
+               f"normalized; verify with more values per channel, e.g. {_larger_input(args, kwargs)}")
+        return [Check(e.param_name, e.role, "not_applicable", why) for e in report.entries]
     by_id = {id(p): n for n, p in model.named_parameters()}
     inner_name = {by_id[id(p)]: n for n, p in inner.named_parameters() if id(p) in by_id}
     betas = {g: nm.betas for nm in probe.finding.modules.values() for g in nm.gammas}
+    owner = {g: nm.module for nm in probe.finding.modules.values() for g in nm.gammas}
+    betas.update({g: [b] for g, b in probe.finding.functional.values() if g is not None and b is not None})
 
     checks = []
     for e in report.entries:
         name = inner_name.get(e.param_name, e.param_name)
         uses = probe.uses.get(name, set())
-        if e.role not in ("scale_invariant", "residual_last") or not uses:
+        if e.role not in ("scale_invariant", "residual_last", "merged") or not uses:
             checks.append(Check(e.param_name, e.role, "not_applicable", f"no numerical check for role {e.role}"))
             continue
         params = [work.get_parameter(n) for n in [name, *betas.get(name, [])]]
-        events = [(role, n) for u in uses for role, n, _ in probe.flow.events(u)]
-        if e.role == "scale_invariant":
-            checks.append(_check_scale(probe, e, uses, events, params, rtol))
+        events = [ev for u in sorted(uses) for ev in probe.df.events(u)]
+        inside = {u: probe.inside_after(u, name) for u in uses}
+        module = owner.get(name)
+        if e.role == "residual_last":
+            checks.append(_check_zero(probe, e, uses, inside, events, params, module))
         else:
-            checks.append(_check_zero(probe, e, uses, events, params))
+            checks.append(_check_scale(probe, e, uses, inside, events, params, module, rtol))
     return checks
 
 
-def _check_scale(probe: _Probe, e, uses, events, params, rtol) -> Check:
-    norms = {n for role, n in events if role == "scale_invariant"}
-    culprit = next(filter(None, (probe.homogeneous(probe.path_nodes(u, norms)) for u in uses)), None)
+def _changed(probe: _Probe, params, module: nn.Module | None, factor: float, **run):
+    """``probe.run(**run)`` with the normalization's output multiplied by ``factor`` (zero: zeroed).
+    A norm module's output is scaled by a forward hook, which is what scaling γ and β does
+    whatever their parametrization (Gemma's ``x * (1 + w)``, weight norm); a functional norm's
+    γ and β are scaled in place."""
+    if module is not None:
+        def hook(mod, args, output):
+            with _disable_current_modes():  # unseen by _Capture, which counts ops to find them
+                return _scale_tensors(output, factor)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            return probe.run(**run)
+        finally:
+            handle.remove()
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.mul_(factor)
+        return probe.run(**run)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def _scale_tensors(obj: Any, factor: float) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj * factor if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_scale_tensors(o, factor) for o in obj)
+    if isinstance(obj, list):
+        return [_scale_tensors(o, factor) for o in obj]
+    return obj
+
+
+def _check_scale(probe: _Probe, e, uses, inside, events, params, module, rtol) -> Check:
+    merged = e.role == "merged"
+    norms = {ev.node for ev in events if ev.role in ("scale_invariant", "merged")}
+    if not norms:
+        return Check(e.param_name, e.role, "not_applicable", "the train-mode pass reaches no other normalization")
+    culprit = next(filter(None, (probe.homogeneous(inside[u] | probe.path_nodes(u, norms), merged) for u in uses)),
+                   None)
     if culprit:
         return Check(e.param_name, e.role, "not_applicable", f"not positively homogeneous: {culprit}")
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p in params:
-                p.mul_(2)
-        outs = probe.run().output_tensors
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-    err = _relative_error(outs, probe.refs)
+    # Every walk from the γ ends at these norms, so the output depends on it only through theirs.
+    outs = _changed(probe, params, module, 2.0, results=norms)[1]
+    stops = sorted(outs)
+    err = _relative_error([outs[n] for n in stops], [probe.norm_outputs[n] for n in stops])
+    if merged:
+        result = "pass" if err > rtol else "fail"
+        return Check(e.param_name, e.role, result, f"doubling γ and β changed the output of the next "
+                                                   f"normalization(s) by {err:.2e} (relative); a scale-invariant γ "
+                                                   f"would leave it as it was")
     result = "pass" if err <= rtol else "fail"
-    return Check(e.param_name, e.role, result, f"doubling γ and β changed the output by {err:.2e} (relative)")
+    return Check(e.param_name, e.role, result, f"doubling γ and β changed the output of the next normalization(s) "
+                                               f"by {err:.2e} (relative)")
 
 
-def _check_zero(probe: _Probe, e, uses, events, params) -> Check:
-    adds = {n for role, n in events if role == "residual_last"}
-    culprit = next(filter(None, (probe.zero_preserving(probe.path_nodes(u, adds)) for u in uses)), None)
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p in params:
-                p.zero_()
-        observed = probe.run().add_observations
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-    branch_max = 0.0
-    for n in adds:
-        skip = probe.flow.residual(n)[0]
-        branch_max = max(branch_max, observed.get(n, (float("nan"),) * 2)[1 - skip])
+def _mask_tensor(mask, shape: torch.Size) -> torch.Tensor | None:
+    """The elements of a tensor of ``shape`` in ``mask`` (None: every element)."""
+    if mask is ALL or mask is None:
+        return None
+    assert isinstance(mask, Part)
+    n = math.prod(mask.sizes)
+    flat = torch.tensor([(mask.bits >> k) & 1 for k in range(n)], dtype=torch.bool).reshape(mask.sizes)
+    view = [1] * len(shape)
+    for d, size in zip(mask.dims, mask.sizes, strict=True):
+        view[len(shape) + d] = size
+    return flat.reshape(view).expand(shape)
+
+
+def _operand_max(probe: _Probe, kept: dict[int, list[torch.Tensor]], s, index: int, mask) -> float:
+    """max |x| over the elements in ``mask`` of operand ``index`` of sum ``s`` (NaN: not seen)."""
+    o = s.operands[index]
+    values = kept.get(o.node)
+    if values is None or o.pos >= len(values):
+        return float("nan")
+    t = values[o.pos].float()
+    name = probe.flow.names[o.node]
+    if o.pos == 1 and len(values) > 2:  # the product of two arguments is the operand
+        if name in ("addcmul", "addcmul_"):
+            t = t * values[2].float()
+        elif name in ("addcdiv", "addcdiv_"):
+            t = t / values[2].float()
+        elif name in ("addmm", "addmv"):
+            t = t @ values[2].float()
+        elif name in ("baddbmm", "addbmm"):
+            t = (t @ values[2].float()).sum(0) if name == "addbmm" else t @ values[2].float()
+    chosen = _mask_tensor(mask, t.shape)
+    t = t.abs() if chosen is None else t.abs()[chosen]
+    return float(t.max()) if t.numel() else 0.0
+
+
+def _check_zero(probe: _Probe, e, uses, inside, events, params, module) -> Check:
+    ends = [ev for ev in events if ev.role == "residual_last"]
+    if not ends:
+        return Check(e.param_name, e.role, "not_applicable", "the train-mode pass reaches no residual sum")
+    if any(ev.reach[1] is not None for ev in ends):
+        return Check(e.param_name, e.role, "not_applicable",
+                     "its features are mixed with others before the sum, so zeroing it cannot zero the branch")
+    if any(probe.flow.names[probe.sums.member(ev.node).operands[ev.operand].node] in ("lerp", "lerp_")
+           for ev in ends):
+        return Check(e.param_name, e.role, "not_applicable",
+                     "a lerp adds w * (end - start): zeroing the end does not remove that branch")
+    adds = {probe.sums.member(ev.node).operands[ev.operand].node for ev in ends}  # where its branch enters
+    culprit = next(filter(None, (probe.zero_preserving(inside[u] | probe.path_nodes(u, adds), u) for u in uses)),
+                   None)
+    sums = [(probe.sums.member(ev.node), ev) for ev in ends]
+    wanted = {s.operands[ev.operand].node for s, ev in sums}
+    kept = _changed(probe, params, module, 0.0, arguments=wanted)[0]
+    seen = [_operand_max(probe, kept, s, ev.operand, ev.reach[0]) for s, ev in sums]
+    if any(math.isnan(x) for x in seen):
+        return Check(e.param_name, e.role, "not_applicable", "the branch could not be observed in the train-mode pass")
+    branch_max = max(seen)
+    n = len({(s.node, ev.operand) for s, ev in sums})
     if branch_max == 0.0:
-        return Check(e.param_name, e.role, "pass", f"zeroing γ and β zeroed the branch input of {len(adds)} residual add(s)")
+        return Check(e.param_name, e.role, "pass", f"zeroing γ and β zeroed its branch of {n} residual sum(s)")
     if culprit:
         return Check(e.param_name, e.role, "not_applicable", f"branch does not map zero to zero: {culprit}")
-    return Check(e.param_name, e.role, "fail", f"branch input stayed non-zero (max |x| = {branch_max:.3g})")
+    return Check(e.param_name, e.role, "fail", f"its branch stayed non-zero (max |x| = {branch_max:.3g})")

@@ -1,0 +1,326 @@
+"""Sums in the traced graph, and which of their operands is the skip.
+
+A **sum** is one addition or a chain of them: ``h + f(h) + g(h)``, ``f(h) + g(h) + h`` and an
+in-place ``out += g(h); out += h`` are one sum of three operands, however they are written. Its
+ops are the additions of the chain (``+``, ``+=``, ``torch.add`` with any ``alpha``, ``add_``,
+``-`` and ``sub``, which add a negated operand, ``x.addcmul(b, t)`` and ``addcdiv``, which add
+``b * t`` and ``b / t``, ``x.lerp(y, w)``, ``torch.addmm(x, h, w)`` with ``x`` computed from the
+input, which adds ``h @ w``, Python's ``sum([...])``, and ``torch.stack([...]).sum(0)`` or
+``.mean(0)``); an addition belongs
+to the chain of the op that consumes its result when that op is an addition too and nothing else
+uses the result. The **operands** are the tensors added that are computed from the model's
+input: adding a parameter, a buffer or a constant (a bias, a positional embedding) adds no operand.
+
+The **fork** of a sum is the nearest common ancestor of its operands; each operand counts the
+weighted ops (conv, linear, embedding, normalization) on its longest path from the stream: from
+the fork or from the result of an earlier residual sum, whichever the path meets last (in a
+multi-resolution fusion such as HRNet's, each branch's own stream is the output of its last block,
+not the fork far back where the branches parted). A sum is **residual** when exactly one operand
+has the fewest (equal counts are told apart by the weighted ops since the fork alone): that operand
+carries the stream and is the **skip**; every other operand is a **branch**. Three exceptions
+have no skip:
+
+- a tie (``x + x``, ``conv1(x) + conv2(x)``);
+- a **sum of heads**: every operand ends in a conv or linear layer (computed outputs, such as two
+  classifiers' logits) and the sum reaches the model output with no weighted op, normalization or
+  other sum in between;
+- a **sum inside a branch**: no operand is an identity path (each has a weighted op since the
+  stream), and the sum's result goes on into a branch of a later residual sum before it meets a
+  normalization or the skip of any residual sum. A parallel block's ``attn_out(a) + mlp_out(m)``
+  before ``x + ls(...)``, or FocalNet's sum of gated context levels, is part of one branch.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from .flow import Flow
+from .ops import FUSED_MATMUL_SUMS, MATMUL_OPS, STACK_REDUCTIONS, SUM_OPS
+from .trace import LEAF_KINDS
+
+# Ops whose arguments 1 and 2 make one operand together (``b * t``, ``b / t``, ``h @ w``, and
+# ``lerp``'s end and weight).
+_PRODUCT = frozenset({"addcmul", "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_"}) | FUSED_MATMUL_SUMS
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One tensor added by a sum: argument ``pos`` of op ``node`` (``addcmul``'s product is the
+    one operand at its positions 1 and 2), computed from the collapsed nodes ``sources``."""
+
+    node: int
+    pos: int
+    sources: tuple[int, ...]
+    weighted: int = 0  # weighted ops on its longest path from the stream
+    extra: int = 0  # weighted ops the sum's op itself adds to it (the product of ``addmm``)
+
+
+@dataclass(frozen=True)
+class Sum:
+    node: int  # the op whose result is the sum
+    members: tuple[int, ...]  # the ops of the chain
+    operands: tuple[Operand, ...]
+    fork: int  # -1 when the operands share no floating-point ancestor
+    skip: int  # index of the skip operand; -1 when the sum is not residual
+    why_not: str = ""  # "tie", "heads", "inside a branch" or "no fork" for a sum that is not residual
+
+    @property
+    def residual(self) -> bool:
+        return self.skip >= 0
+
+    @property
+    def branches(self) -> tuple[Operand, ...]:
+        return tuple(o for i, o in enumerate(self.operands) if i != self.skip)
+
+
+class Sums:
+    """Every sum of the graph, and where each of their operands enters."""
+
+    def __init__(self, flow: Flow):
+        self.flow = flow
+        chains = list(_chains(flow))
+        inside: set[int] = set()  # sums inside a branch, found so far
+        while True:
+            self.sums = []
+            streams: set[int] = set()  # results of the residual sums so far, in execution order
+            for root, members, operands in chains:
+                found = _resolve(flow, root, members, operands, streams, root in inside)
+                self.sums.append(found)
+                if found.residual:
+                    streams.add(found.node)
+            self._index()
+            more = {s.node for s in reversed(self.sums) if s.residual and min(o.weighted for o in s.operands) > 0
+                    and self._feeds_a_branch(s)}
+            if more <= inside:
+                break
+            inside |= more
+
+    def _index(self) -> None:
+        self._operand: dict[tuple[int, int], tuple[Sum, int]] = {}
+        self._member: dict[int, Sum] = {}
+        for s in self.sums:
+            if not s.residual:
+                continue
+            for m in s.members:
+                self._member[m] = s
+            for i, o in enumerate(s.operands):
+                self._operand[(o.node, o.pos)] = (s, i)
+                if o.pos == 1 and self.flow.names[o.node] in _PRODUCT:
+                    self._operand[(o.node, 2)] = (s, i)  # the product's other factor
+
+    def _feeds_a_branch(self, s: Sum) -> bool:
+        """Does the result of ``s`` go on into a branch of a later residual sum before it meets a
+        normalization or the skip of one?"""
+        flow, branch = self.flow, False
+        stack, seen = [s.node], {s.node}
+        while stack:
+            n = stack.pop()
+            for t, pos in flow.succ[n]:
+                if t in seen or t in flow.norm_name:
+                    continue
+                found = self._operand.get((t, pos)) if t not in s.members else None
+                if found is not None:
+                    if found[1] == found[0].skip:
+                        return False  # the stream goes on through it
+                    branch = True
+                    continue
+                if self._member.get(t) is not None and t not in s.members:
+                    continue
+                seen.add(t)
+                stack.append(t)
+        return branch
+
+    def residual(self) -> list[Sum]:
+        return [s for s in self.sums if s.residual]
+
+    def member(self, node: int) -> Sum | None:
+        """The residual sum whose chain ``node`` belongs to."""
+        return self._member.get(node)
+
+    def operand_at(self, node: int, pos: int) -> tuple[Sum, int] | None:
+        """The residual sum and operand index that argument ``pos`` of op ``node`` is."""
+        return self._operand.get((node, pos))
+
+
+def _is_member(flow: Flow, i: int) -> bool:
+    """Can op ``i`` be part of a sum? (Ops inside a normalization are not.)"""
+    if flow.rep[i] != i or i in flow.norm_name or not flow.graph.is_float[i]:
+        return False
+    name = flow.names[i]
+    if name in SUM_OPS:
+        return True
+    if name in FUSED_MATMUL_SUMS:
+        return bool(flow.graph.ins[i]) and flow.act[flow.rep[flow.graph.ins[i][0]]]
+    return name in STACK_REDUCTIONS and _stacked(flow, i) is not None
+
+
+def _stacked(flow: Flow, i: int) -> int | None:
+    """The ``stack`` op whose stacked dimension op ``i`` sums (or averages) away, if any."""
+    ins = flow.graph.ins[i]
+    record = flow.graph.args.get(i)
+    if record is None or len(ins) != 1:
+        return None
+    k = ins[0]
+    if flow.names[k] != "stack" or flow.graph.args.get(k) is None:
+        return None
+    args, kwargs = record[0], record[2] or {}
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if isinstance(dims, int):
+        dims = [dims]
+    stack_args, stack_shape = flow.graph.args[k][0], flow.graph.args[k][1]
+    rank = len(stack_shape)
+    dim = (stack_args[1] if len(stack_args) > 1 else 0) % rank
+    if keepdim or not isinstance(dims, (list, tuple)) or [d % rank for d in dims] != [dim]:
+        return None
+    if len(flow.succ[k]) != 1:
+        return None
+    return k
+
+
+def _chains(flow: Flow):
+    """(last op, ops, operands) of every chain of additions."""
+    n = len(flow)
+    members = [i for i in range(n) if _is_member(flow, i)]
+    is_member = set(members)
+    parent: dict[int, int] = {}
+    for i in members:
+        consumers = flow.succ[i]
+        if len(consumers) == 1 and i not in flow.outputs:
+            (c, _pos), = consumers
+            if c in is_member:
+                parent[i] = c
+    # A stack summed away is part of its reduction's chain: its arguments are the operands.
+    stacks = {i: _stacked(flow, i) for i in members if flow.names[i] in STACK_REDUCTIONS}
+    for i in members:
+        if i in parent:
+            continue
+        chain: list[int] = []
+        operands: list[Operand] = []
+        _gather(flow, i, parent, stacks, chain, operands)
+        if len(operands) >= 2:
+            yield i, tuple(sorted(chain)), tuple(operands)
+
+
+def _gather(flow: Flow, i: int, parent: dict[int, int], stacks: dict, chain: list[int], operands: list[Operand]):
+    chain.append(i)
+    ins, rep, act = flow.graph.ins, flow.rep, flow.act
+    stack = stacks.get(i)
+    if stack is not None:
+        chain.append(stack)
+        for pos, k in enumerate(ins[stack]):
+            if act[rep[k]]:
+                operands.append(Operand(stack, pos, (rep[k],)))
+        return
+    product = flow.names[i] in _PRODUCT
+    for pos, k in enumerate(ins[i]):
+        if product and pos == 2:
+            continue  # taken with position 1
+        if parent.get(k) == i and rep[k] == k:
+            _gather(flow, k, parent, stacks, chain, operands)
+            continue
+        if product and pos == 1:
+            sources = tuple(rep[x] for x in ins[i][1:3] if act[rep[x]])
+            if sources:
+                operands.append(Operand(i, 1, sources, extra=int(flow.weighted[i])))
+        elif act[rep[k]]:
+            operands.append(Operand(i, pos, (rep[k],)))
+
+
+def _resolve(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Operand, ...],
+             streams: set[int], inside: bool = False) -> Sum:
+    fork = _fork(flow, operands)
+    if fork is None:
+        return Sum(root, members, operands, -1, -1, "no fork")
+    counts = _from_stream(flow, operands, fork, streams)
+    operands = tuple(Operand(o.node, o.pos, o.sources, c, o.extra) for o, c in zip(operands, counts, strict=True))
+    low = min(counts)
+    if counts.count(low) > 1:
+        since_fork = _from_stream(flow, operands, fork, set())
+        keys = list(zip(counts, since_fork, strict=True))
+        low = min(keys)
+        if keys.count(low) > 1:
+            return Sum(root, members, operands, fork, -1, "tie")
+        counts = keys
+    if _sum_of_heads(flow, root, members, operands):
+        return Sum(root, members, operands, fork, -1, "heads")
+    if inside:
+        return Sum(root, members, operands, fork, -1, "inside a branch")
+    return Sum(root, members, operands, fork, counts.index(low))
+
+
+def _fork(flow: Flow, operands: tuple[Operand, ...]) -> int | None:
+    """Nearest common floating-point ancestor of the operands. Explores backwards in decreasing
+    execution order, so a node is expanded only after every explored node that depends on it."""
+    every = (1 << len(operands)) - 1
+    side: dict[int, int] = {}
+    for i, o in enumerate(operands):
+        for s in o.sources:
+            side[s] = side.get(s, 0) | (1 << i)
+    heap = [-s for s in side]
+    heapq.heapify(heap)
+    while heap:
+        n = -heapq.heappop(heap)
+        if side[n] == every:
+            return n if flow.graph.is_float[n] else None
+        for p in flow.preds[n]:
+            if p not in side:
+                heapq.heappush(heap, -p)
+            side[p] = side.get(p, 0) | side[n]
+    return None
+
+
+def _from_stream(flow: Flow, operands: tuple[Operand, ...], fork: int, streams: set[int]) -> list[int]:
+    """Each operand's weighted ops on its longest path from the fork or an earlier residual sum's
+    result (whichever the path meets last)."""
+    region, stack = set(), [s for o in operands for s in o.sources]
+    while stack:  # the nodes between the fork and the operands
+        n = stack.pop()
+        if n in region:
+            continue
+        region.add(n)
+        if n == fork or n in streams:
+            continue
+        stack.extend(p for p in flow.preds[n] if p >= fork)
+    dist: dict[int, int] = {}
+    for n in sorted(region):
+        if n == fork or n in streams:
+            dist[n] = 0
+            continue
+        best = max((dist[p] for p in flow.preds[n] if p in dist and dist[p] >= 0), default=-1)
+        dist[n] = best + flow.weight_count(n) if best >= 0 else -1
+    return [max(dist[s] for s in o.sources) + o.extra for o in operands]
+
+
+def _ends_in_matmul(flow: Flow, node: int, extra: int = 0) -> bool:
+    """Is ``node`` a conv or linear layer's result, seen through weight-free ops of one input?"""
+    if extra:
+        return True  # the product of ``addmm``
+    while True:
+        if node in flow.norm_name or flow.names[node] in LEAF_KINDS:
+            return False
+        if flow.weighted[node]:
+            return flow.names[node] in MATMUL_OPS
+        preds = flow.preds[node]
+        if len(preds) != 1:
+            return False
+        (node,) = preds
+
+
+def _sum_of_heads(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Operand, ...]) -> bool:
+    if not all(all(_ends_in_matmul(flow, s, o.extra) for s in o.sources) for o in operands):
+        return False
+    # Every walk from the sum ends at the model output, with no weighted op, norm or sum on the way.
+    stack, seen, reached = [root], set(), root in flow.outputs
+    while stack:
+        n = stack.pop()
+        for s, _ in flow.succ[n]:
+            if s in seen:
+                continue
+            seen.add(s)
+            if flow.weighted[s] or s in flow.norm_name or flow.names[s] in SUM_OPS or flow.names[s] == "stack":
+                return False
+            reached = reached or s in flow.outputs
+            stack.append(s)
+    return reached
