@@ -4,7 +4,8 @@
                                     [--compile] [--seconds 15] [--repeats 3] [--parts abc] [--vmap]
 
 (a) N separate runs the way ``gammaguide ablate --fuse 1 --jobs N`` runs them: N worker processes,
-    each with cpu_count // N threads, each a ``train.Trainer`` (one run), all training at once;
+    each with cpu_count // N threads, each a ``train.Trainer`` (one run), all training at once
+    (``--separate-jobs J``: as ``--jobs J`` runs them, J at a time);
 (b) one fused group of N runs in one process, as ``ablate --fuse N --jobs 1`` trains it
     (``fused_train.FusedTrainer``; ``--compile``: torch.compile, compile time printed); with
     ``--fused-jobs J``: J processes (cpu_count // J threads each) of N/J fused runs each, as
@@ -165,7 +166,10 @@ def measure_together(target, args, work: list, threads: int) -> list:
 
 
 def measure_separate(args, n: int) -> float:
-    return sum(measure_together(solo_process, args, configs(args, n), max(1, (os.cpu_count() or 1) // n)))
+    """``ablate --fuse 1 --jobs J`` keeps J runs training at once, each in a process of
+    cpu_count // J threads: their aggregate rate is that of the grid."""
+    jobs = min(args.separate_jobs or n, n)
+    return sum(measure_together(solo_process, args, configs(args, jobs), max(1, (os.cpu_count() or 1) // jobs)))
 
 
 def measure_fused(args, n: int) -> tuple[float, dict]:
@@ -189,29 +193,35 @@ def main() -> int:
     parser.add_argument("--vmap", action="store_true", help="also (d): the torch.func vmap route")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads of the one process of (b), (c) and (d) (default: every CPU)")
+    parser.add_argument("--separate-jobs", type=int, metavar="J",
+                        help="(a) as ablate --jobs J runs it: J runs at once (default N)")
     parser.add_argument("--fused-jobs", type=int, default=1, metavar="J",
                         help="(b) as J processes of N/J fused runs each (default 1)")
     parser.add_argument("--images", type=int, default=2560, help="synthetic training images")
     parser.add_argument("--chunk", type=int, default=10, help="steps between clock checks")
+    parser.add_argument("--json", metavar="PATH", help="also append the results as one JSON line to PATH")
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as any bf16-autocast training would leave it
 
     print(f"torch {torch.__version__}, device {args.device}, {os.cpu_count()} CPUs, {args.model}, batch "
-          f"{args.batch_size}, N={args.n}; (a) {args.n} processes x {max(1, (os.cpu_count() or 1) // args.n)} "
+          f"{args.batch_size}, N={args.n}; (a) {min(args.separate_jobs or args.n, args.n)} processes x "
+          f"{max(1, (os.cpu_count() or 1) // min(args.separate_jobs or args.n, args.n))} "
           f"threads; (b) {args.fused_jobs} process(es) x "
           f"{args.threads if args.fused_jobs == 1 else max(1, (os.cpu_count() or 1) // args.fused_jobs)} threads, "
           f"{'compiled' if args.compile else 'eager'}; (c) 1 x {args.threads} threads; {args.seconds:.0f} s a part",
           flush=True)
     rows: dict[str, list[float]] = {k: [] for k in "abcd"}
+    extras: list[dict] = []
     for r in range(1, args.repeats + 1):
         line = []
         if "a" in args.parts:
             rows["a"].append(measure_separate(args, args.n))
-            line.append(f"(a) {args.n} separate {rows['a'][-1]:8.1f}")
+            line.append(f"(a) separate {rows['a'][-1]:8.1f}")
         if "b" in args.parts:
             rate, extra = measure_fused(args, args.n)
             rows["b"].append(rate)
+            extras.append(extra)
             info = f" [first chunk {extra['first_chunk_s']:.1f} s"
             if extra.get("compile_s") is not None:
                 info += f", compile (first step) {extra['compile_s']:.1f} s"
@@ -232,6 +242,16 @@ def main() -> int:
     print(f"\nmedian [range] img/s: {summary}")
     if "a" in med and "b" in med:
         print(f"fused / separate (b/a): {med['b'] / med['a']:.2f}")
+    if args.json:
+        import json
+
+        line = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                "torch": torch.__version__, "model": args.model, "n": args.n, "batch_size": args.batch_size,
+                "compile": args.compile, "fused_jobs": args.fused_jobs, "threads": args.threads,
+                "seconds": args.seconds, "rates": {k: v for k, v in rows.items() if v}, "median": med,
+                "fused_extra": extras}
+        with open(args.json, "a") as f:
+            f.write(json.dumps(line) + "\n")
     return 0
 
 

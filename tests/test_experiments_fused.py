@@ -157,7 +157,7 @@ def test_float32_fused_group_within_the_measured_noise_floor():
     data = synthetic(32, train=48)
     base = TrainConfig(model="resnet20", data="synthetic", epochs=1, batch_size=16, nesterov=True,
                        weight_decay=5e-2, variance_batch=8)
-    runs = _group(base)
+    runs = _group(base, ARMS[:3], SEEDS[:3])
 
     def trajectories(fused: bool, onednn: bool) -> list[tuple[list[float], torch.Tensor]]:
         """Per run: the losses of 3 steps and the final parameters and statistics as one vector."""
@@ -363,7 +363,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 SMOKE = ["ablate", "--protocol", "smoke", "--arms", "no_gamma,only:shortcut,guidelines", "--seeds", "0,1",
-         "--batch-size", "16", "--subset", "80", "--test-subset", "30", "--no-report"]
+         "--batch-size", "16", "--subset", "40", "--test-subset", "20", "--no-report"]
 
 
 def _keys(obj, prefix="") -> set[str]:

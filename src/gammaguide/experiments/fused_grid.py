@@ -27,11 +27,12 @@ from .distributed import DistContext
 from .results import RESULTS_NAME, append_line
 from .train import RunRecord, TrainConfig
 
-# ``--fuse auto`` on the CPU: fuse only where fusing was measured to be faster than separate
-# runs (bench/grid_throughput.py; the numbers are in docs/fused-grid.md). On the 2-core CI machine it
-# never was for ResNet-20 at batch 128 or for the smoke protocol, so auto means separate runs there.
+# ``--fuse auto`` on the CPU: fuse only where fusing was measured to be faster than separate runs
+# (bench/grid_throughput.py and timed smoke grids; the numbers are in docs/fused.md). On the 2-core
+# machine it was not shown faster for ResNet-20 at batch 128 or for the smoke protocol, with 1 or 2
+# threads (with 2 threads it was much slower), so auto trains runs alone on the CPU.
 CPU_AUTO = 1
-CUDA_MAX_GROUP = 64  # beyond this a group gains nothing measurable we know of; more groups run one after another
+CUDA_MAX_GROUP = 40  # the largest group scripts/gpu_fused.sh probes; larger ones are untested
 
 
 def parse_fuse(text: str | int | None) -> str | int:
