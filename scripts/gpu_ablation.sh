@@ -7,6 +7,9 @@
 #
 #   bash scripts/gpu_ablation.sh OUT_DIR [BUDGET_S] [JOBS] [MODEL] [more gammaguide ablate options]
 #
+# Since `ablate --fuse auto` became the default, runs fuse into groups on CUDA (see docs/fused.md);
+# pass --fuse 1 as a further option for separate processes, as the results of issue 5 were trained.
+#
 # Everything lands in OUT_DIR as it happens: results.jsonl gets one line per finished run, the
 # log every epoch of every run, so a call cut short still returns what it finished.
 set -uo pipefail

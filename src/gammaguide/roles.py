@@ -80,6 +80,10 @@ class Dataflow:
         """Parameter name -> the (collapsed) nodes that consume it, seen through views and casts."""
         return self.flow.uses()
 
+    def name(self, u: int) -> str:
+        """The normalization (module or context) that node ``u`` belongs to."""
+        return self.flow.name(u)
+
     def events(self, u: int) -> list[Event]:
         """Where every walk from node ``u`` ends."""
         return walk(self.flow, self.sums, u)

@@ -98,11 +98,13 @@ def grid(base: TrainConfig, arms: tuple[str, ...], seeds: tuple[int, ...]) -> li
 def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: str | None = None,
              device: str = "auto", shard: tuple[int, int] = (0, 1), jobs: int = 1, retry_failed: bool = False,
              progress: bool = True, ctx: DistContext | None = None, checkpoints: str | os.PathLike | None = None,
-             log: Callable[[str], None] = print) -> list[TrainConfig]:
+             log: Callable[[str], None] = print, fuse: int = 1, compile: bool = False) -> list[TrainConfig]:
     """Run the configs of this shard that are not finished yet; returns those it ran.
 
     Under torchrun (``ctx`` distributed) every rank walks the same list and each run is one
-    DistributedDataParallel run; rank 0 alone writes."""
+    DistributedDataParallel run; rank 0 alone writes. ``fuse > 1`` trains runs that differ only
+    in policy and seed in groups of up to ``fuse`` as one network (``fused_grid``; ``compile``
+    applies ``torch.compile`` to each group)."""
     from .distributed import pick_device
 
     out = Path(out)
@@ -119,6 +121,12 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
         return []
     # Decode (or read the cache) once here, so that workers and other ranks only read the cache.
     load_dataset_once(ctx, todo[0].data, data_dir, progress=progress)
+    if fuse > 1:
+        from .fused_grid import run_groups
+
+        run_groups(mine, done, out, ckpt, fuse, data_dir=data_dir, ctx=ctx, device=device, jobs=jobs,
+                   compile=compile, progress=progress, log=log)
+        return todo
     if jobs <= 1:
         for i, cfg in enumerate(todo):
             if ctx.is_main:
@@ -193,29 +201,34 @@ def _worker(queue, out: str, checkpoints: str, data_dir: str | None, device: str
 
 def auto_epochs(base: TrainConfig, runs: int, jobs: int, budget_s: float, *, data_dir: str | None = None,
                 device: str = "auto", probe_s: float = 20.0, floor: int = 1,
-                log: Callable[[str], None] = print) -> int:
+                log: Callable[[str], None] = print, fuse: int = 1, compile: bool = False) -> int:
     """Epochs that let ``runs`` runs, ``jobs`` at a time, finish within ``budget_s`` seconds.
 
     Measures the aggregate training throughput with ``jobs`` processes training at once (what
-    the grid will really do), then leaves 15% for evaluation, measurements and start-up.
+    the grid will really do: with ``fuse > 1`` each process trains a fused group of that many
+    runs), then leaves 15% for evaluation, measurements and start-up.
     """
     data = load_dataset(base.data, data_dir, progress=False).subset(base.subset, base.test_subset, base.subset_seed)
     n_train, n_test = len(data.train_y), len(data.test_y)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     start_line = ctx.Barrier(jobs)
-    procs = [ctx.Process(target=_probe, args=(base, data_dir, device, jobs, probe_s, start_line, results))
+    size = min(fuse, runs)
+    procs = [ctx.Process(target=_probe,
+                         args=(base, data_dir, device, jobs, probe_s, start_line, results, size, compile))
              for _ in range(jobs)]
     start = time.perf_counter()
     for p in procs:
         p.start()
     rates = _collect(results, procs)
     total = sum(rates)
-    waves = math.ceil(runs / jobs)
-    per_epoch = (n_train + n_test / 3) / (total / jobs)  # seconds, for one run while `jobs` share the device
+    waves = math.ceil(math.ceil(runs / size) / jobs)
+    # seconds of one epoch of one run (or fused group of `size` runs) while `jobs` share the device
+    per_epoch = size * (n_train + n_test / 3) / (total / jobs)
     left = budget_s - (time.perf_counter() - start)
     epochs = max(floor, int(0.85 * left / (waves * per_epoch)))
-    log(f"probe: {jobs} processes train {total:.0f} img/s together ({total / jobs:.0f} each); one epoch "
+    fused = f" (fused groups of {size})" if size > 1 else ""
+    log(f"probe: {jobs} processes train {total:.0f} img/s together{fused} ({total / jobs:.0f} each); one epoch "
         f"{per_epoch:.1f} s; {runs} runs in {waves} wave(s) -> {epochs} epochs fit in {left:.0f} s")
     return epochs
 
@@ -240,11 +253,16 @@ def _collect(results, procs) -> list[float]:
     return rates
 
 
-def _probe(base: TrainConfig, data_dir, device, jobs, seconds, start_line, results) -> None:
+def _probe(base: TrainConfig, data_dir, device, jobs, seconds, start_line, results, size=1, compile=False) -> None:
     from .distributed import pick_device
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     data = load_dataset(base.data, data_dir, progress=False)
+    if size > 1:
+        from .fused_grid import probe_rate
+
+        results.put(probe_rate(base, size, pick_device(device), data, seconds, compile, start_line))
+        return
     trainer = Trainer(replace(base, epochs=1000), data, DistContext(0, 1, 0, pick_device(device)), progress=False)
     # Short slices of an epoch, so the measuring window can end on time.
     trainer.steps_per_epoch = chunk = min(20, trainer.steps_per_epoch)

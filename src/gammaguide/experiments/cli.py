@@ -27,6 +27,7 @@ examples:
   gammaguide ablate --protocol cpu --data imagefolder --out results/cifar10-resnet20-cpu
   gammaguide ablate --protocol gpu --data imagefolder --jobs 16 --epochs auto --time-budget 480 --out runs/gpu
   gammaguide ablate --protocol cpu --data imagefolder --shard 0/4 --out runs/grid   # one of 4 machines
+  gammaguide ablate --protocol gpu --data imagefolder --fuse 40 --epochs 30 --out runs/gpu  # 40 runs as one network
 """
 
 
@@ -94,6 +95,11 @@ def register(sub) -> None:
     p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
     p.add_argument("--shard", metavar="i/n", help="run only every n-th run of the grid, starting at the i-th")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1)")
+    p.add_argument("--fuse", default="auto", metavar="N",
+                   help="train runs that differ only in policy and seed in groups of up to N as one network "
+                        "(1: each alone; auto, the default: as many as GPU memory holds on CUDA, 1 on the CPU); "
+                        "with --jobs, groups run in parallel processes")
+    p.add_argument("--compile", action="store_true", help="torch.compile each fused group (prints compile time)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="with --epochs auto: the grid's wall time")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again instead of skipping them")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints of runs in flight "
@@ -210,7 +216,7 @@ def run_train(args) -> int:
 
 
 def run_ablate(args) -> int:
-    from . import ablate
+    from . import ablate, fused_grid
     from .distributed import init_distributed, shutdown
 
     if args.protocol not in ablate.PROTOCOLS:
@@ -233,20 +239,25 @@ def run_ablate(args) -> int:
     _writable_dir(args.out)
     if args.checkpoint_dir:
         _writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    fuse = fused_grid.parse_fuse(args.fuse)
     ctx = init_distributed(args.device)
     try:
         if ctx.distributed and args.jobs > 1:
             raise GammaGuideError("--jobs runs worker processes of its own; under torchrun use --jobs 1")
+        runs = len(ablate.grid(base, arms, seeds)[shard[0]::shard[1]])
+        fuse = fused_grid.resolve_fuse(fuse, base, runs, args.jobs, ctx, args.data_dir, log=_log)
+        if args.compile and fuse == 1:
+            raise GammaGuideError("--compile compiles fused groups: give --fuse N with N > 1 (here it is 1)")
         if auto:
-            runs = len(ablate.grid(base, arms, seeds)[shard[0]::shard[1]])
             base = replace(base, epochs=ablate.auto_epochs(base, runs, args.jobs, args.time_budget,
-                                                           data_dir=args.data_dir, device=args.device, log=_log))
+                                                           data_dir=args.data_dir, device=args.device, log=_log,
+                                                           fuse=fuse, compile=args.compile))
         configs = ablate.grid(base, arms, seeds)
         _log(f"protocol {protocol.name}: {len(arms)} arms x {len(seeds)} seeds, {base.model} on {base.data}, "
              f"{base.epochs} epochs, weight decay {base.weight_decay}")
         ablate.run_grid(configs, args.out, data_dir=args.data_dir, device=args.device, shard=shard,
                         jobs=args.jobs, retry_failed=args.retry_failed, ctx=ctx, checkpoints=args.checkpoint_dir,
-                        log=_log)
+                        log=_log, fuse=fuse, compile=args.compile)
         if ctx.is_main and not args.no_report and shard == (0, 1):
             _report_if_complete(configs, Path(args.out))
         return 0
