@@ -25,6 +25,7 @@ from ..policy import resolve_policy
 from .data import load_dataset
 from .distributed import DistContext, barrier, load_dataset_once
 from .results import RESULTS_NAME, append_line, finished_keys
+from .text_train import TextConfig
 from .train import RunRecord, TrainConfig, Trainer
 
 ARMS = ("no_gamma", "only:residual_last", "only:scale_invariant", "only:shortcut", "only:stream",
@@ -51,6 +52,18 @@ PROTOCOLS = {
                     "8 arms x 3 paired seeds in about 2 hours on 2 CPU cores"),
     "gpu": Protocol("gpu", TrainConfig(model="resnet56", epochs=30, weight_decay=5e-4, schedule="cosine"), (0, 1),
                     "the paper's scale: full training set, deep ResNets; several runs at once on one GPU"),
+    # Text tasks (text_train.py): AdamW with decoupled weight decay, warm-up then decay.
+    "sst2-smoke": Protocol("sst2-smoke", TextConfig(data="sst2", epochs=1, subset=320, test_subset=100, batch_size=32,
+                                                    width=32, layers=1, heads=2, vocab_size=300, max_len=32,
+                                                    variance_batch=16), (0,),
+                           "SST-2, a few hundred phrases, a tiny classifier, one epoch: checks that everything runs"),
+    "multi30k-smoke": Protocol("multi30k-smoke", TextConfig(model="seq2seq_postln", data="multi30k", epochs=1,
+                                                            subset=320, test_subset=50, batch_size=32, width=32,
+                                                            layers=1, heads=2, vocab_size=300, max_len=48,
+                                                            label_smoothing=0.1, schedule="cosine", dropout=0.1,
+                                                            variance_batch=16), (0,),
+                               "Multi30k, a few hundred pairs, a tiny translator, one epoch: checks that everything "
+                               "runs"),
 }
 
 
@@ -118,7 +131,12 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
     if not todo:
         return []
     # Decode (or read the cache) once here, so that workers and other ranks only read the cache.
-    load_dataset_once(ctx, todo[0].data, data_dir, progress=progress)
+    if isinstance(todo[0], TextConfig):
+        from .text_train import prepare
+
+        prepare(todo[0], data_dir, progress=progress)
+    else:
+        load_dataset_once(ctx, todo[0].data, data_dir, progress=progress)
     if jobs <= 1:
         for i, cfg in enumerate(todo):
             if ctx.is_main:
@@ -146,6 +164,10 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
 
 def _run_one(cfg: TrainConfig, out: Path, checkpoints: Path, data_dir: str | None, ctx: DistContext,
              progress: bool, log: Callable[[str], None]) -> None:
+    if isinstance(cfg, TextConfig):
+        from .text_train import run_one
+
+        return run_one(cfg, out, checkpoints, data_dir, ctx, progress, log)
     data = load_dataset(cfg.data, data_dir, progress=False)
     try:
         trainer = Trainer(cfg, data, ctx, checkpoint=checkpoints / f"{cfg.key()}.pt", progress=progress,

@@ -33,7 +33,7 @@ def _data_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--data", required=required, metavar="SPEC",
                    help="cifar10, cifar100 (torchvision; downloaded when online), or imagefolder:PATH (a folder "
                         "with train/ and test/ class folders; PATH may be left out when $GAMMAGUIDE_DATA points "
-                        "to it)")
+                        "to it); text: sst2:PATH (GLUE SST-2 TSVs) or multi30k:PATH (Multi30k De-En)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where cifar10/cifar100 live, or the base of a relative imagefolder PATH "
                         "(default: $GAMMAGUIDE_DATA)")
@@ -54,11 +54,15 @@ def _run_options(p: argparse.ArgumentParser, *, defaults_from_protocol: bool) ->
     p.add_argument("--weight-decay", type=float, default=d(5e-4), help="L2 strength for what the policy decays")
     p.add_argument("--momentum", type=float, default=d(0.9))
     p.add_argument("--nesterov", action="store_true", default=None)
-    p.add_argument("--schedule", choices=("cosine", "onecycle"), default=d("cosine"))
+    p.add_argument("--schedule", choices=("cosine", "onecycle", "linear"), default=d("cosine"),
+                   help="cosine, onecycle (images); linear or cosine after a warm-up (text)")
     p.add_argument("--warmup-epochs", type=float, default=d(0.0), help="linear warm-up (cosine schedule)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--out", required=True, metavar="DIR", help="results go to DIR/results.jsonl")
+    from .text_cli import add_options
+
+    add_options(p)
 
 
 def register(sub) -> None:
@@ -71,7 +75,7 @@ def register(sub) -> None:
     _data_options(p, required=True)
     p.add_argument("--policy", default="guidelines", help="guidelines, all, no_norm, no_gamma or only:<role>")
     p.add_argument("--seed", type=int, default=0, help="fixes the initial weights and the batches (default 0)")
-    _run_options(p, defaults_from_protocol=False)
+    _run_options(p, defaults_from_protocol=True)  # None: TrainConfig's (or TextConfig's) default
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
@@ -148,10 +152,16 @@ def _log(msg: str) -> None:
 def run_train(args) -> int:
     from .distributed import init_distributed, load_dataset_once, shutdown
     from .results import RESULTS_NAME
+    from .text_cli import is_text
     from .train import TrainConfig, Trainer
 
+    if is_text(args):
+        from .text_cli import run_train
+
+        return run_train(args)
     cfg = _config_from(args, TrainConfig())
-    cfg = replace(cfg, epochs=_int_epochs(args.epochs), policy=args.policy, seed=args.seed)
+    cfg = replace(cfg, epochs=_int_epochs(args.epochs or str(TrainConfig.epochs)), policy=args.policy,
+                  seed=args.seed)
     cfg.check()
     ctx = init_distributed(args.device)
     try:
@@ -173,7 +183,12 @@ def run_train(args) -> int:
 def run_ablate(args) -> int:
     from . import ablate
     from .distributed import init_distributed, shutdown
+    from .text_cli import is_text
 
+    if is_text(args):
+        from .text_cli import run_ablate
+
+        return run_ablate(args)
     if args.protocol not in ablate.PROTOCOLS:
         raise GammaGuideError(f"unknown --protocol {args.protocol!r}; use {', '.join(ablate.PROTOCOLS)}")
     protocol = ablate.PROTOCOLS[args.protocol]
