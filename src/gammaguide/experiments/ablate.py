@@ -57,6 +57,11 @@ PROTOCOLS = {
                                                     width=32, layers=1, heads=2, vocab_size=300, max_len=32,
                                                     variance_batch=16), (0,),
                            "SST-2, a few hundred phrases, a tiny classifier, one epoch: checks that everything runs"),
+    # Sized by the pilot in results/sst2-textcls_preln-cpu/README.md; --model textcls_postln for the post-LN grid.
+    "sst2-cpu": Protocol("sst2-cpu", TextConfig(data="sst2", epochs=3, batch_size=64, lr=1e-3, weight_decay=0.1,
+                                                schedule="linear", warmup_epochs=0.1, width=128, layers=2, heads=4),
+                         (0, 1, 2), "SST-2, all 67,349 phrases, 3 epochs, a 2-layer width-128 classifier: 5 arms x "
+                                    "3 paired seeds per model, both models in about 2 hours on 2 CPU cores"),
     "multi30k-smoke": Protocol("multi30k-smoke", TextConfig(model="seq2seq_postln", data="multi30k", epochs=1,
                                                             subset=320, test_subset=50, batch_size=32, width=32,
                                                             layers=1, heads=2, vocab_size=300, max_len=48,

@@ -311,6 +311,9 @@ class TextTrainer:
         if self.translate:
             lengths = torch.maximum(lengths, self.train_inputs[1].lengths)
         batches = length_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        # Dropout draws from the global generator: seeded from (seed, epoch), so that every arm of
+        # a seed drops the same units and a resumed run continues exactly as an unbroken one.
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1)
         self.model.train()
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss * n, correct
         n = tokens = 0
