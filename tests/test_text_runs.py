@@ -102,7 +102,7 @@ def test_a_text_option_error_is_one_line(sst2, m30k, tmp_path, capsys):
         (["train", "--data", f"sst2:{tmp_path}/none"], "no sst2 data found"),
         (["ablate", "--protocol", "cpu", "--data", f"sst2:{sst2}"], "use --protocol sst2-"),
         (["ablate", "--protocol", "sst2-smoke", "--data", f"multi30k:{m30k}"], "is for sst2 data"),
-        (["ablate", "--protocol", "sst2-smoke", "--data", f"sst2:{sst2}", "--epochs", "auto"], "give --epochs N"),
+        (["ablate", "--protocol", "sst2-smoke", "--data", f"sst2:{sst2}", "--epochs", "auto"], "needs --time-budget"),
         (["train", "--data", f"sst2:{sst2}", "--depth", "20"], "use --layers"),
     ]
     for argv, message in cases:
@@ -168,8 +168,21 @@ def test_warmup_then_decay():
 
 
 def test_text_protocols_are_text_configs():
-    for name in ("sst2-smoke", "sst2-cpu", "multi30k-smoke"):
+    for name in ("sst2-smoke", "sst2-cpu", "multi30k-smoke", "multi30k-gpu"):
         cfg = ablate.PROTOCOLS[name].config
         assert isinstance(cfg, TextConfig) and cfg.task == ("translate" if "multi30k" in name else "classify")
     assert T.text_task("sst2:/x") == "classify" and T.text_task("imagefolder:/x") is None
     assert json.dumps(ablate.PROTOCOLS["sst2-cpu"].config.settings())  # recordable
+
+
+def test_epochs_auto_sizes_a_text_grid_to_its_budget(m30k, tmp_path, capsys):
+    out = tmp_path / "auto"
+    argv = ["ablate", "--protocol", "multi30k-smoke", "--data", f"multi30k:{m30k}", "--arms", "no_gamma",
+            "--vocab-size", "120", "--test-subset", "24", "--epochs", "auto", "--time-budget", "30", "--device", "cpu",
+            "--out", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "probe: 1 processes train" in err and "epochs fit in" in err
+    (r,) = _lines(out)
+    fit = int(err.split(" epochs fit in")[0].rsplit("-> ", 1)[1])
+    assert r["epochs"] == fit >= 1 and r["status"] == "ok"

@@ -62,6 +62,16 @@ PROTOCOLS = {
                                                 schedule="linear", warmup_epochs=0.1, width=128, layers=2, heads=4),
                          (0, 1, 2), "SST-2, all 67,349 phrases, 3 epochs, a 2-layer width-128 classifier: 5 arms x "
                                     "3 paired seeds per model, both models in about 2 hours on 2 CPU cores"),
+    # fairseq's transformer_iwslt_de_en recipe (post-LN, AdamW betas 0.9/0.98, lr 5e-4, label smoothing
+    # 0.1, dropout 0.3) at width 256 and 3+3 layers, with the CPU protocol's weight decay 0.1 (the
+    # recipe's 1e-4 would not move a γ within a run); --model seq2seq_preln for the pre-LN grid.
+    "multi30k-gpu": Protocol("multi30k-gpu", TextConfig(model="seq2seq_postln", data="multi30k", epochs=20,
+                                                        batch_size=128, lr=5e-4, beta2=0.98, weight_decay=0.1,
+                                                        schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1,
+                                                        width=256, layers=3, heads=4, dropout=0.3, max_len=128,
+                                                        epoch_test_subset=200), (0, 1, 2),
+                             "Multi30k De-En, all 29,000 pairs, a 3+3-layer width-256 translator; several runs at "
+                             "once on one GPU (--jobs, --epochs auto --time-budget S)"),
     "multi30k-smoke": Protocol("multi30k-smoke", TextConfig(model="seq2seq_postln", data="multi30k", epochs=1,
                                                             subset=320, test_subset=50, batch_size=32, width=32,
                                                             layers=1, heads=2, vocab_size=300, max_len=48,

@@ -127,12 +127,13 @@ def run_ablate(args) -> int:
         protocol = ablate.PROTOCOLS[f"{name}-smoke"]  # the default protocol, for this task
     if text_task(args.data) != protocol.config.task:
         raise GammaGuideError(f"--protocol {protocol.name} is for {protocol.config.data} data, not {args.data}")
-    if args.epochs == "auto":
-        raise GammaGuideError("--epochs auto sizes image grids; for a text grid give --epochs N")
+    auto = args.epochs == "auto"
+    if auto and not args.time_budget:
+        raise GammaGuideError("--epochs auto needs --time-budget SECONDS (the wall time the grid may take)")
     if args.jobs < 1:
         raise GammaGuideError(f"--jobs must be at least 1, got {args.jobs}")
     base = config_from(args, protocol.config)
-    if args.epochs is not None:
+    if args.epochs is not None and not auto:
         base = replace(base, epochs=_int_epochs(args.epochs))
     base.check()
     arms = ablate.parse_arms(args.arms) if args.arms else default_arms(base.model, cfg=base)
@@ -141,6 +142,12 @@ def run_ablate(args) -> int:
     ctx = init_distributed(args.device)
     if ctx.distributed:
         raise GammaGuideError("text grids run in one process; use --jobs N for runs at once, not torchrun")
+    if auto:
+        from .text_train import auto_epochs
+
+        runs = len(ablate.grid(base, arms, seeds)[shard[0]::shard[1]])
+        base = replace(base, epochs=auto_epochs(base, runs, args.jobs, args.time_budget, data_dir=args.data_dir,
+                                                device=args.device, log=_log))
     configs = ablate.grid(base, arms, seeds)
     _log(f"protocol {protocol.name}: {len(arms)} arms ({', '.join(arms)}) x {len(seeds)} seeds, {base.model} on "
          f"{base.data}, {base.epochs} epochs, AdamW (decoupled) weight decay {base.weight_decay}")

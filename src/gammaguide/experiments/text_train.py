@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -148,7 +148,7 @@ def build_model(cfg: TextConfig, data: ClassificationData | TranslationData) -> 
     return create_model(cfg.model, **options)
 
 
-def _probe(tokens: Tokens, n: int, seed: int, cut: int = 12) -> torch.Tensor:
+def _probe_indices(tokens: Tokens, n: int, seed: int, cut: int = 12) -> tuple[torch.Tensor, int]:
     """Indices of ``n`` fixed test sentences at least ``cut`` tokens long (fewer if there are not
     enough; a shorter cut on very short data): the batch the variance ratios are measured on."""
     cut = min(cut, int(tokens.lengths.median()))
@@ -230,10 +230,10 @@ class TextTrainer:
         seed = self.cfg.subset_seed
         if self.translate:
             d = self.data
-            idx, cut = _probe(d.valid_src, self.cfg.variance_batch, seed)
+            idx, cut = _probe_indices(d.valid_src, self.cfg.variance_batch, seed)
             tcut = min(cut, int(d.valid_tgt.lengths[idx].min()) - 1)
             return (d.valid_src.ids[idx, :cut].to(self.device), d.valid_tgt.ids[idx, :tcut].to(self.device))
-        idx, cut = _probe(self.data.test, self.cfg.variance_batch, seed)
+        idx, cut = _probe_indices(self.data.test, self.cfg.variance_batch, seed)
         return self.data.test.ids[idx, :cut].to(self.device)
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -537,3 +537,62 @@ def failed_record(cfg: TextConfig, reason: str) -> TextRunRecord:
     return TextRunRecord(key=cfg.key(), arm=cfg.policy, seed=cfg.seed, status="failed", reason=reason,
                          test_acc=None, model=cfg.model, data=cfg.data, epochs=cfg.epochs,
                          settings=cfg.settings(), metric=METRIC[cfg.task])
+
+
+# ----------------------------------------------------------------------------- sizing to a budget
+
+
+def auto_epochs(base: TextConfig, runs: int, jobs: int, budget_s: float, *, data_dir: str | None = None,
+                device: str = "auto", probe_s: float = 20.0, log: Callable[[str], None] = print) -> int:
+    """Epochs that let ``runs`` runs, ``jobs`` at a time, finish within ``budget_s`` seconds.
+
+    ``jobs`` processes train at once for ``probe_s`` seconds (at most a tenth of the budget; what
+    the grid will do) and then time
+    one evaluation each (the per-epoch metric and the mechanisms); 15% is left for start-up and the
+    final evaluation on the whole test set."""
+    import multiprocessing as mp
+
+    from .ablate import _collect
+
+    probe_s = min(probe_s, budget_s / 10)  # a short budget is not spent on measuring
+    data = load_data(base, data_dir).subset(base.subset, base.test_subset, base.subset_seed)
+    n_train = len(data.train_src if isinstance(data, TranslationData) else data.train)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    start_line = ctx.Barrier(jobs)
+    procs = [ctx.Process(target=_probe_throughput, args=(base, data_dir, device, jobs, probe_s, start_line,
+                                                         results)) for _ in range(jobs)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    probes = _collect(results, procs)
+    steps_s = sum(s for s, _ in probes) / len(probes)
+    eval_s = max(e for _, e in probes)
+    per_epoch = (n_train // base.batch_size) / steps_s + eval_s  # one run while `jobs` share the device
+    waves = math.ceil(runs / jobs)
+    left = budget_s - (time.perf_counter() - start)
+    epochs = max(1, int(0.85 * left / waves / per_epoch))
+    log(f"probe: {jobs} processes train {steps_s:.1f} steps/s each and evaluate in {eval_s:.1f} s; one epoch "
+        f"{per_epoch:.1f} s; {runs} runs in {waves} wave(s) -> {epochs} epochs fit in {left:.0f} s")
+    return epochs
+
+
+def _probe_throughput(base: TextConfig, data_dir, device, jobs, seconds, start_line, results) -> None:
+    from .distributed import pick_device
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    data = load_data(base, data_dir)
+    trainer = TextTrainer(replace(base, epochs=1000), data, DistContext(0, 1, 0, pick_device(device)),
+                          progress=False)
+    trainer.steps_per_epoch = chunk = min(20, trainer.steps_per_epoch)  # short slices, to end on time
+    trainer.train_epoch(0)  # warm-up: kernels, allocator
+    start_line.wait()  # measure only while all jobs train at once
+    steps, epoch, start = 0, 1, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        trainer.train_epoch(epoch)
+        steps += chunk
+        epoch += 1
+    rate = steps / (time.perf_counter() - start)
+    start = time.perf_counter()
+    trainer.measure(1, 0.0, 0.0, 0.0)  # the per-epoch metric and mechanisms
+    results.put((rate, time.perf_counter() - start))
