@@ -18,6 +18,7 @@ examples:
   gammaguide train --data imagefolder:../shared/data/cifar10-jpeg --subset 5000 --epochs 5 --out runs/demo
   GAMMAGUIDE_DATA=../shared/data/cifar10-jpeg gammaguide train --data imagefolder --policy all --out runs/demo
   torchrun --nproc_per_node=2 -m gammaguide train --data imagefolder --sync-bn --out runs/ddp
+  gammaguide train --data multi30k:../shared/data/multi30k-de-en --model seq2seq_preln --epochs 2 --out runs/mt
 """
 
 _ABLATE_EXAMPLES = """\
@@ -26,6 +27,7 @@ examples:
   gammaguide ablate --protocol cpu --data imagefolder --out results/cifar10-resnet20-cpu
   gammaguide ablate --protocol gpu --data imagefolder --jobs 16 --epochs auto --time-budget 480 --out runs/gpu
   gammaguide ablate --protocol cpu --data imagefolder --shard 0/4 --out runs/grid   # one of 4 machines
+  gammaguide ablate --protocol sst2-cpu --model textcls_postln --data sst2:../shared/data/sst2 --out runs/sst2
 """
 
 
@@ -83,7 +85,8 @@ def register(sub) -> None:
                        description="Run every arm (policy) with every seed into OUT/results.jsonl. A rerun skips "
                                    "finished runs; --shard i/n splits the grid between machines.",
                        epilog=_ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", default="smoke", help="smoke, cpu or gpu: the defaults of the grid (default smoke)")
+    p.add_argument("--protocol", default="smoke", help="smoke, cpu or gpu: the defaults of the grid (default smoke); "
+                   "text: sst2-smoke, sst2-cpu, multi30k-smoke, multi30k-gpu")
     _data_options(p, required=True)
     p.add_argument("--arms", help="comma-separated policies (default: the 8 arms of the ablation)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")

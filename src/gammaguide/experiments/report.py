@@ -77,8 +77,9 @@ def summarize(records: list[dict[str, Any]]) -> list[Experiment]:
     experiments = []
     for key, runs in groups.items():
         settings = json.loads(key)
-        ok = {(a, s): r["test_acc"] for (a, s), r in runs.items()
-              if r.get("status") == "ok" and isinstance(r.get("test_acc"), (int, float))}
+        # A record's primary metric: the key its "metric" names (text tasks), else test accuracy.
+        ok = {(a, s): r[r.get("metric", "test_acc")] for (a, s), r in runs.items()
+              if r.get("status") == "ok" and isinstance(r.get(r.get("metric", "test_acc")), (int, float))}
         arms = []
         for arm in _arm_order(a for a, _ in runs):
             accs = {s: v for (a, s), v in ok.items() if a == arm}
@@ -167,8 +168,11 @@ def mean_ratio(row: dict[str, Any]) -> float | None:
 
 def _settings_line(s: dict[str, Any]) -> str:
     keys = ("model", "data", "epochs", "subset", "test_subset", "batch_size", "lr", "schedule", "weight_decay",
-            "momentum", "nesterov", "warmup_epochs")
-    return ", ".join(f"{k}={s[k]}" for k in keys if k in s and s[k] is not None)
+            "momentum", "nesterov", "warmup_epochs", "width", "layers", "label_smoothing")
+    line = ", ".join(f"{k}={s[k]}" for k in keys if k in s and s[k] is not None)
+    if s.get("optimizer") == "adamw":  # text runs: say how the decay acts
+        line += "; AdamW with decoupled weight decay (p -= lr * weight_decay * p), not an L2 term in the loss"
+    return line
 
 
 def write_report(paths: str | Path | list, out: str | Path, *, plots: bool = True,
