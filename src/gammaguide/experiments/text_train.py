@@ -278,30 +278,30 @@ class TextTrainer:
                 self.checkpoint.parent.rmdir()
 
     # -- one epoch --------------------------------------------------------------------------------
-    def batch(self, idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int]:
-        """(model inputs, targets, real tokens) of the training sentences ``idx`` (a CPU tensor),
-        each padded only to the longest sentence of the batch."""
+    def batch(self, idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int, int]:
+        """(model inputs, targets, real tokens, real targets) of the training sentences ``idx`` (a
+        CPU tensor), each padded only to the longest sentence of the batch. The counts come from
+        the lengths on the host, so that no step waits for the device."""
         dev_idx = idx.to(self.device, non_blocking=True)
         if self.translate:
             src, tgt = self.train_inputs
             ls, lt = int(src.lengths[idx].max()), int(tgt.lengths[idx].max())
             s = self.dev_ids[0][dev_idx, :ls]
             t = self.dev_ids[1][dev_idx, :lt]
-            tokens = int(src.lengths[idx].sum() + tgt.lengths[idx].sum()) - len(idx)
-            return (s, t[:, :-1]), t[:, 1:], tokens
+            targets = int(tgt.lengths[idx].sum()) - len(idx)  # every target token but [BOS]
+            return (s, t[:, :-1]), t[:, 1:], int(src.lengths[idx].sum()) + targets, targets
         (toks,) = self.train_inputs
         width = int(toks.lengths[idx].max())
-        return (self.dev_ids[0][dev_idx, :width],), self.train_y[dev_idx], int(toks.lengths[idx].sum())
+        return (self.dev_ids[0][dev_idx, :width],), self.train_y[dev_idx], int(toks.lengths[idx].sum()), len(idx)
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean loss, correct predictions, predictions counted)."""
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the real targets, correct predictions)."""
         if self.translate:
             out, target = out.flatten(0, 1), target.flatten()
             loss = F.cross_entropy(out.float(), target, ignore_index=PAD, label_smoothing=self.cfg.label_smoothing)
-            real = target != PAD
-            return loss, ((out.argmax(1) == target) & real).sum(), int(real.sum())
+            return loss, ((out.argmax(1) == target) & (target != PAD)).sum()
         loss = F.cross_entropy(out.float(), target, label_smoothing=self.cfg.label_smoothing)
-        return loss, (out.argmax(1) == target).sum(), len(target)
+        return loss, (out.argmax(1) == target).sum()
 
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
         """(mean loss, accuracy, tokens/s); raises FloatingPointError on a non-finite loss.
@@ -322,10 +322,10 @@ class TextTrainer:
         check_every, shown = 20, 0
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
-            inputs, target, real = self.batch(batches[step])
+            inputs, target, real, counted = self.batch(batches[step])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 out = self.model(*inputs)
-            loss, correct, counted = self.loss(out, target)
+            loss, correct = self.loss(out, target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
