@@ -104,6 +104,8 @@ def test_a_text_option_error_is_one_line(sst2, m30k, tmp_path, capsys):
         (["ablate", "--protocol", "sst2-smoke", "--data", f"multi30k:{m30k}"], "is for sst2 data"),
         (["ablate", "--protocol", "sst2-smoke", "--data", f"sst2:{sst2}", "--epochs", "auto"], "needs --time-budget"),
         (["train", "--data", f"sst2:{sst2}", "--depth", "20"], "use --layers"),
+        (["train", "--data", f"sst2:{sst2}", "--momentum", "0.8"], "text models train with AdamW"),
+        (["train", "--data", f"imagefolder:{tmp_path}", "--width", "64"], "--width apply to text models"),
     ]
     for argv, message in cases:
         assert main([*argv, "--out", str(tmp_path / "o")]) == 2, argv

@@ -127,8 +127,10 @@ def _int_epochs(text: str) -> int:
 
 def _config_from(args, base):
     """``base`` (a TrainConfig) with every option the user gave."""
+    from .text_cli import reject_text_options
     from .train import TrainConfig
 
+    reject_text_options(args)
     changes = {}
     names = {f.name for f in fields(TrainConfig)}
     for name in names:

@@ -34,6 +34,14 @@ def add_options(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, type=kind, default=None, help=text)
 
 
+def reject_text_options(args) -> None:
+    """For an image run: the text-only options given would be ignored, so they are an error."""
+    given = [flag for flag, (name, _, _) in _OPTIONS.items() if getattr(args, name, None) is not None]
+    if given:
+        raise GammaGuideError(f"{', '.join(given)} apply to text models (--data sst2:PATH or multi30k:PATH); "
+                              f"leave {'them' if len(given) > 1 else 'it'} out for an image model")
+
+
 def is_text(args) -> bool:
     from .ablate import PROTOCOLS
     from .text_data import text_task
@@ -53,6 +61,9 @@ def config_from(args, base):
         raise GammaGuideError("--depth sets a CIFAR ResNet; for a text model use --layers")
     if getattr(args, "sync_bn", None):
         raise GammaGuideError("--sync-bn is for image models under torchrun; text models have no BatchNorm")
+    if getattr(args, "momentum", None) is not None or getattr(args, "nesterov", None):
+        raise GammaGuideError("--momentum and --nesterov set SGD (image models); text models train with AdamW, "
+                              "whose momentum is its beta1 = 0.9 (--beta2 sets the other)")
     changes = {}
     names = {f.name for f in fields(base)} - {"epochs", "policy", "seed"}
     for name in names:
