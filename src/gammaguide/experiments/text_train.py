@@ -14,7 +14,8 @@ finished run is one line of the results file. What differs is the transformer co
   Multi30k test set, detokenized and scored with sacrebleu (``test_bleu``, with its signature).
   A record's ``metric`` names the key of its primary metric.
 - Mechanisms every epoch, as for images: mean |γ| per role, and var(branch)/var(skip) at every
-  residual addition, on a fixed batch of test sentences cut to a common length (no padding).
+  residual addition, on a fixed batch of held-out sentences (SST-2 dev, Multi30k validation) cut to a
+  common length (no padding).
 """
 
 from __future__ import annotations
