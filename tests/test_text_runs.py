@@ -188,3 +188,15 @@ def test_epochs_auto_sizes_a_text_grid_to_its_budget(m30k, tmp_path, capsys):
     (r,) = _lines(out)
     fit = int(err.split(" epochs fit in")[0].rsplit("-> ", 1)[1])
     assert r["epochs"] == fit >= 1 and r["status"] == "ok"
+
+
+def test_shards_and_worker_processes_run_a_text_grid(sst2, tmp_path):
+    out = tmp_path / "sharded"
+    base = ["ablate", "--protocol", "sst2-smoke", "--data", f"sst2:{sst2}", "--arms", "no_gamma,all",
+            "--seeds", "0,1", "--vocab-size", "120", "--test-subset", "64", "--no-report", "--out", str(out)]
+    assert main([*base, "--shard", "1/2"]) == 0
+    assert sorted((r["arm"], r["seed"]) for r in _lines(out)) == [("all", 0), ("all", 1)]  # every 2nd run
+    assert main([*base, "--jobs", "2"]) == 0  # the rest, in two worker processes
+    recs = _lines(out)
+    assert sorted((r["arm"], r["seed"]) for r in recs) == [("all", 0), ("all", 1), ("no_gamma", 0), ("no_gamma", 1)]
+    assert all(r["status"] == "ok" and r["metric"] == "test_acc" for r in recs)
