@@ -12,7 +12,8 @@
 #
 #   bash scripts/gpu_text_ablation.sh OUT_DIR [BUDGET_S] [JOBS_PER_MODEL] [more gammaguide ablate options]
 #
-# The two grids (seq2seq_preln: 5 arms, seq2seq_postln: 6 arms, 3 seeds each) run side by side,
+# The two grids (seq2seq_preln: no_gamma, guidelines, all, only:head; seq2seq_postln: the same and
+# only:stream; 3 seeds each; 27 runs) run side by side,
 # each with JOBS_PER_MODEL runs at once and its epochs sized to BUDGET_S by a throughput probe
 # taken while both grids probe. Everything lands in OUT_DIR/multi30k-<model>-gpu/ as it happens
 # (results.jsonl: one line per finished run; log.txt), 4 files in all, so a call cut short still

@@ -114,10 +114,15 @@ def test_a_text_option_error_is_one_line(sst2, m30k, tmp_path, capsys):
 
 
 def test_arms_of_each_model():
-    assert default_arms("textcls_preln") == ("no_gamma", "guidelines", "all", "only:residual_last", "only:head")
+    """Every role gets its only:<role> arm, unless that is an earlier arm's policy for the model:
+    pre-LN (residual_last and head γ) only:residual_last is guidelines; in the post-LN translator
+    guidelines decays only the one residual_last γ (the memory's norm)."""
+    said = []
+    assert default_arms("textcls_preln", log=said.append) == ("no_gamma", "guidelines", "all", "only:head")
+    assert said == ["only:residual_last left out: for textcls_preln it is the same policy as guidelines"]
     assert default_arms("textcls_postln") == ("no_gamma", "guidelines", "all", "only:stream", "only:head")
-    assert default_arms("seq2seq_postln") == ("no_gamma", "guidelines", "all", "only:residual_last", "only:stream",
-                                              "only:head")
+    assert default_arms("seq2seq_postln") == ("no_gamma", "guidelines", "all", "only:stream", "only:head")
+    assert default_arms("seq2seq_preln") == ("no_gamma", "guidelines", "all", "only:head")
 
 
 def test_same_seed_same_run_and_arms_start_alike(sst2):

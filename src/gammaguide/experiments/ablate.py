@@ -60,7 +60,7 @@ PROTOCOLS = {
     # Sized by the pilot in results/sst2-textcls_preln-cpu/README.md; --model textcls_postln for the post-LN grid.
     "sst2-cpu": Protocol("sst2-cpu", TextConfig(data="sst2", epochs=3, batch_size=64, lr=1e-3, weight_decay=0.1,
                                                 schedule="linear", warmup_epochs=0.1, width=128, layers=2, heads=4),
-                         (0, 1, 2), "SST-2, all 67,349 phrases, 3 epochs, a 2-layer width-128 classifier: 5 arms x "
+                         (0, 1, 2), "SST-2, all 67,349 phrases, 3 epochs, a 2-layer width-128 classifier: 4 arms x "
                                     "3 paired seeds per model, both models in about 2 hours on 2 CPU cores"),
     # fairseq's transformer_iwslt_de_en recipe (post-LN, AdamW betas 0.9/0.98, lr 5e-4, label smoothing
     # 0.1, dropout 0.3) at width 256 and 3+3 layers, with the CPU protocol's weight decay 0.1 (the

@@ -147,7 +147,7 @@ def run_ablate(args) -> int:
     if args.epochs is not None and not auto:
         base = replace(base, epochs=_int_epochs(args.epochs))
     base.check()
-    arms = ablate.parse_arms(args.arms) if args.arms else default_arms(base.model, cfg=base)
+    arms = ablate.parse_arms(args.arms) if args.arms else default_arms(base.model, cfg=base, log=_log)
     seeds = ablate.parse_seeds(args.seeds, protocol.seeds)
     shard = ablate.parse_shard(args.shard)
     ctx = init_distributed(args.device)

@@ -496,8 +496,10 @@ def greedy(model: torch.nn.Module, src: torch.Tensor, max_len: int, cuda: bool =
 
 
 def default_arms(model: str, data: ClassificationData | TranslationData | None = None,
-                 cfg: TextConfig | None = None) -> tuple[str, ...]:
-    """no_gamma, guidelines, all, and only:<role> for every role the model's γ have."""
+                 cfg: TextConfig | None = None, log: Callable[[str], None] | None = None) -> tuple[str, ...]:
+    """no_gamma, guidelines, all, and only:<role> for every role the model's γ have, except an
+    only:<role> that decides every parameter as an earlier arm does for this model (in a pre-LN
+    model only:residual_last is guidelines): a grid need not train one policy twice."""
     cfg = cfg or TextConfig(model=model, data="multi30k" if model in TRANSLATORS else "sst2")
     vocab = data.vocab_size if data is not None else cfg.vocab_size
     options = dict(vocab_size=vocab, max_len=cfg.max_len, width=cfg.width, layers=cfg.layers, heads=cfg.heads)
@@ -505,7 +507,18 @@ def default_arms(model: str, data: ClassificationData | TranslationData | None =
     example = net.example_inputs(2, min(8, cfg.max_len))
     counts = analysis.analyze(net, example, warn=False).counts()
     roles = [r for r in ("residual_last", "scale_invariant", "shortcut", "stream", "head") if counts.get(r)]
-    return ("no_gamma", "guidelines", "all", *(f"only:{r}" for r in roles))
+    arms: list[str] = []
+    seen: dict[frozenset, str] = {}
+    for arm in ("no_gamma", "guidelines", "all", *(f"only:{r}" for r in roles)):
+        decided = analysis.analyze(net, example, arm, warn=False).decisions()
+        key = frozenset(name for name, decay in decided.items() if decay)
+        if arm.startswith("only:") and key in seen:
+            if log is not None:
+                log(f"{arm} left out: for {model} it is the same policy as {seen[key]}")
+            continue
+        seen.setdefault(key, arm)
+        arms.append(arm)
+    return tuple(arms)
 
 
 def prepare(cfg: TextConfig, data_dir: str | None = None, progress: bool = True) -> None:
