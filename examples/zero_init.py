@@ -26,7 +26,7 @@ def main() -> None:
     same = set(names) == {n for n, p in by_hand.named_parameters() if n.endswith("bn3.weight") and not p.any()}
     print(f"zeroed {len(names)} γ ({names[0]}, ..., {names[-1]}); same as zero_init_residual=True: {same}")
     print(f"{'residual add':<12} {'branch/skip variance before':>28} {'after':>8}")
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         print(f"{b.module_name:<12} {b.ratio:>28.3f} {a.ratio:>8.3f}")
 
 

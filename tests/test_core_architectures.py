@@ -264,7 +264,8 @@ def test_bert_post_ln_norms_are_the_stream(roles):
 def test_pre_ln_decoders(kind, roles):
     if kind == "gpt2":
         model = hf_model("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=2, n_inner=64, vocab_size=128)
-        block_norms, final, n_layers, norm_type = ("ln_1", "ln_2"), "transformer.ln_f", model.config.n_layer, "LayerNorm"
+        block_norms, final = ("ln_1", "ln_2"), "transformer.ln_f"
+        n_layers, norm_type = model.config.n_layer, "LayerNorm"
         prefix = "transformer.h"
     else:
         model = hf_model("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2, **TINY)

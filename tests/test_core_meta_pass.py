@@ -177,7 +177,7 @@ def test_cached_outputs_are_fresh_tensors_with_the_kernels_shapes():
     again = runner(aten.native_batch_norm.default, bn_args(), None)
     assert len(MetaRunner._cache) == 1
     assert isinstance(again, tuple) and len(again) == len(first) == 3
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert a is not b
         assert (a.shape, a.stride(), a.dtype, a.device.type) == (b.shape, b.stride(), b.dtype, "meta")
     runner(aten.native_batch_norm.default, bn_args(c=6), None)  # another shape: another entry
@@ -202,7 +202,7 @@ def test_views_alias_their_argument_and_bypass_the_cache():
 
 def test_an_op_without_a_meta_kernel_raises_so_the_caller_can_run_it_for_real():
     runner = MetaRunner()
-    with pytest.raises(Exception):
+    with pytest.raises(NotImplementedError):
         runner(aten.nonzero.default, (torch.empty(5, device="meta"),), None)
 
 

@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import gammaguide as gg
+from gammaguide import models
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
-from gammaguide import models
 
 X = torch.randn(2, 3, 32, 32)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "core.md", ROOT / "docs" / "integrations.md", ROOT / "docs" / "fused.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "core.md", ROOT / "docs" / "integrations.md", ROOT / "docs" / "fused.md",
+        ROOT / "docs" / "transformers.md"]
 BLOCKS = [(doc, code) for doc in DOCS for code in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)]
 OPTIONAL = ("timm", "transformers", "lightning", "torchvision")
 

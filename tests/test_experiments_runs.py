@@ -90,7 +90,7 @@ def test_same_seed_same_result_and_seed_pairs_arms(tree, dataset):
     c = Trainer(_cfg(tree, epochs=1, policy="all"), dataset, CPU, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(c.model.state_dict().values(),
                                                   Trainer(_cfg(tree, epochs=1), dataset, CPU,
-                                                          progress=False).model.state_dict().values()))
+                                                          progress=False).model.state_dict().values(), strict=True))
     c_loss = c.run().history[-1]["train_loss"]
     assert abs(c_loss - a.history[-1]["train_loss"]) < 1e-2
     d = Trainer(_cfg(tree, epochs=1, seed=1), dataset, CPU, progress=False).run()
@@ -121,7 +121,7 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(tree, datas
     resumed = Trainer(_cfg(tree), dataset, CPU, progress=False, checkpoint=ckpt)
     assert resumed.start_epoch == 1
     record = resumed.run()
-    for h, w in zip(record.history, whole.history):
+    for h, w in zip(record.history, whole.history, strict=True):
         assert h["train_loss"] == w["train_loss"] and h["test_acc"] == w["test_acc"]
     resumed.discard_checkpoint()
     assert not ckpt.exists()

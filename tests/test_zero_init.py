@@ -101,4 +101,4 @@ def test_no_gamma_of_that_role_warns_and_changes_nothing():
     before = [p.clone() for p in model.parameters()]
     with pytest.warns(UserWarning, match="no normalization scale of ResNet has role 'stream'"):
         assert gg.zero_init(model, role="stream") == []
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

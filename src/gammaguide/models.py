@@ -7,6 +7,9 @@ Every model has the paper's four γ categories: where a block changes shape its 
 - ``resnet18/34/50``: ImageNet ResNets adapted to 32x32 (3x3 stem, stride 1, no max-pool).
 - ``preact_resnet18``: pre-activation ResNet-18 (He et al. 2016b), with its final BN.
 - ``wrn16_4``: Wide-ResNet-16-4 (Zagoruyko & Komodakis 2016), pre-activation blocks.
+
+The text transformers (``textcls_preln``, ``textcls_postln``, ``seq2seq_preln``,
+``seq2seq_postln``) live in ``gammaguide.text_models``; ``create_model`` builds them too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable
 from torch import nn
 
 from .errors import GammaGuideError
+from .text_models import TEXT_MODELS, list_text_models
 
 
 def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -103,7 +107,7 @@ class ResNet(nn.Module):
         self.bn1 = None if preact else nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
         stages, cin = [], stem_width
-        for i, (n, width) in enumerate(zip(blocks, widths)):
+        for i, (n, width) in enumerate(zip(blocks, widths, strict=True)):
             layers = []
             for j in range(n):
                 layers.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
@@ -152,13 +156,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def list_models() -> list[str]:
+    """The image models (``list_text_models()``: the text transformers)."""
     return sorted(MODELS)
 
 
-def create_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A built-in model by name (see ``list_models()``)."""
-    if name not in MODELS:
-        raise GammaGuideError(f"unknown built-in model {name!r}; choose one of {', '.join(list_models())}")
+def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
+    """A built-in model by name (see ``list_models()`` and ``list_text_models()``). ``options`` go
+    to a text model's constructor (``vocab_size``, ``max_len``, ``width``, ``layers``, ``heads``...)."""
+    build = MODELS.get(name) or TEXT_MODELS.get(name)
+    if build is None:
+        raise GammaGuideError(f"unknown built-in model {name!r}; choose one of "
+                              f"{', '.join(list_models() + list_text_models())}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise GammaGuideError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return MODELS[name](num_classes=num_classes)
+    try:
+        return build(num_classes=num_classes, **options)
+    except (TypeError, ValueError) as exc:
+        if not options:
+            raise
+        raise GammaGuideError(f"cannot build {name} with {options}: {exc}") from exc

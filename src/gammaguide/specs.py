@@ -33,6 +33,9 @@ from torch import nn
 from .errors import GammaGuideError
 from .inputs import default_input_size
 from .models import MODELS, create_model, list_models
+from .text_models import TEXT_MODELS, Seq2Seq, TextClassifier, list_text_models
+
+TEXT_MODEL_TYPES = (TextClassifier, Seq2Seq)
 
 SPEC_FORMS = "a built-in name, torchvision:NAME, timm:NAME, hf:NAME or path/to/file.py:factory"
 
@@ -89,7 +92,10 @@ def load(spec: str, *, input_shape: tuple[int, ...] | None = None, meta: bool = 
     elif sep:
         raise GammaGuideError(f"unknown model source {source!r} in {spec!r}; give {SPEC_FORMS}")
     else:
-        model, inputs = _on_device(meta, lambda: _builtin(spec, num_classes)), None
+        model = _on_device(meta, lambda: _builtin(spec, num_classes))
+        inputs = _text_inputs(model, input_shape, meta)  # None for the image models
+        if inputs is not None:
+            input_shape = None  # it was the (batch, seq_len) of the token ids
     if input_shape is not None and source != "hf":
         # An explicit shape always wins, also over a factory's own example inputs.
         inputs = _image_input(model, input_shape, meta)
@@ -150,14 +156,31 @@ def _default_image_input(model: nn.Module, spec: str, meta: bool) -> torch.Tenso
 
 
 def _builtin(name: str, num_classes: int | None) -> nn.Module:
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, list_models(), n=3)
+    known = list_models() + list_text_models()
+    if name not in MODELS and name not in TEXT_MODELS:
+        close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise GammaGuideError(
-            f"unknown model {name!r}{hint}; built-in models are {', '.join(list_models())}; "
+            f"unknown model {name!r}{hint}; built-in models are {', '.join(known)}; "
             f"or give torchvision:NAME, timm:NAME, hf:NAME or path/to/file.py:factory"
         )
+    if name in TEXT_MODELS and num_classes is None:
+        return create_model(name)  # its own default (two classes for the classifier)
     return create_model(name, num_classes=10 if num_classes is None else num_classes)
+
+
+def _text_inputs(model: nn.Module, shape: tuple[int, ...] | None, meta: bool) -> Any:
+    """Token ids for a built-in text model ((batch, seq_len), default 1x16); None for the others."""
+    if not isinstance(model, TEXT_MODEL_TYPES):
+        return None
+    shape = HF_DEFAULT_SHAPE if shape is None else shape
+    if len(shape) != 2:
+        raise GammaGuideError(f"--input-shape for the text models is (batch, seq_len) of token ids, e.g. 1,16; "
+                              f"got {','.join(map(str, shape))}")
+    if shape[1] > model.max_len:
+        raise GammaGuideError(f"seq_len {shape[1]} is longer than this model's {model.max_len} positions; "
+                              f"use --input-shape {shape[0]},{model.max_len} or less")
+    return model.example_inputs(*shape, device=_device(meta))
 
 
 # ----------------------------------------------------------------------------- torchvision / timm

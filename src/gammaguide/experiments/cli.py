@@ -19,6 +19,7 @@ examples:
   gammaguide train --data imagefolder:../shared/data/cifar10-jpeg --subset 5000 --epochs 5 --out runs/demo
   GAMMAGUIDE_DATA=../shared/data/cifar10-jpeg gammaguide train --data imagefolder --policy all --out runs/demo
   torchrun --nproc_per_node=2 -m gammaguide train --data imagefolder --sync-bn --out runs/ddp
+  gammaguide train --data multi30k:../shared/data/multi30k-de-en --model seq2seq_preln --epochs 2 --out runs/mt
 """
 
 _ABLATE_EXAMPLES = """\
@@ -27,6 +28,7 @@ examples:
   gammaguide ablate --protocol cpu --data imagefolder --out results/cifar10-resnet20-cpu
   gammaguide ablate --protocol gpu --data imagefolder --jobs 16 --epochs auto --time-budget 480 --out runs/gpu
   gammaguide ablate --protocol cpu --data imagefolder --shard 0/4 --out runs/grid   # one of 4 machines
+  gammaguide ablate --protocol sst2-cpu --model textcls_postln --data sst2:../shared/data/sst2 --out runs/sst2
   gammaguide ablate --protocol gpu --data imagefolder --fuse 40 --epochs 30 --out runs/gpu  # 40 runs as one network
 """
 
@@ -43,7 +45,7 @@ def _data_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--data", required=required, metavar="SPEC",
                    help="cifar10, cifar100 (torchvision; downloaded when online), or imagefolder:PATH (a folder "
                         "with train/ and test/ class folders; PATH may be left out when $GAMMAGUIDE_DATA points "
-                        "to it)")
+                        "to it); text: sst2:PATH (GLUE SST-2 TSVs) or multi30k:PATH (Multi30k De-En)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where cifar10/cifar100 live, or the base of a relative imagefolder PATH "
                         "(default: $GAMMAGUIDE_DATA)")
@@ -64,11 +66,15 @@ def _run_options(p: argparse.ArgumentParser, *, defaults_from_protocol: bool) ->
     p.add_argument("--weight-decay", type=float, default=d(5e-4), help="L2 strength for what the policy decays")
     p.add_argument("--momentum", type=float, default=d(0.9))
     p.add_argument("--nesterov", action="store_true", default=None)
-    p.add_argument("--schedule", choices=("cosine", "onecycle"), default=d("cosine"))
+    p.add_argument("--schedule", choices=("cosine", "onecycle", "linear"), default=d("cosine"),
+                   help="cosine, onecycle (images); linear or cosine after a warm-up (text)")
     p.add_argument("--warmup-epochs", type=float, default=d(0.0), help="linear warm-up (cosine schedule)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--out", required=True, metavar="DIR", help="results go to DIR/results.jsonl")
+    from .text_cli import add_options
+
+    add_options(p)
 
 
 def register(sub) -> None:
@@ -81,7 +87,7 @@ def register(sub) -> None:
     _data_options(p, required=True)
     p.add_argument("--policy", default="guidelines", help="guidelines, all, no_norm, no_gamma or only:<role>")
     p.add_argument("--seed", type=int, default=0, help="fixes the initial weights and the batches (default 0)")
-    _run_options(p, defaults_from_protocol=False)
+    _run_options(p, defaults_from_protocol=True)  # None: TrainConfig's (or TextConfig's) default
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
@@ -89,7 +95,8 @@ def register(sub) -> None:
                        description="Run every arm (policy) with every seed into OUT/results.jsonl. A rerun skips "
                                    "finished runs; --shard i/n splits the grid between machines.",
                        epilog=_ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", default="smoke", help="smoke, cpu or gpu: the defaults of the grid (default smoke)")
+    p.add_argument("--protocol", default="smoke", help="smoke, cpu or gpu: the defaults of the grid (default smoke); "
+                   "text: sst2-smoke, sst2-cpu, multi30k-smoke, multi30k-gpu")
     _data_options(p, required=True)
     p.add_argument("--arms", help="comma-separated policies (default: the 8 arms of the ablation)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
@@ -141,8 +148,10 @@ def _int_epochs(text: str) -> int:
 
 def _config_from(args, base):
     """``base`` (a TrainConfig) with every option the user gave."""
+    from .text_cli import reject_text_options
     from .train import TrainConfig
 
+    reject_text_options(args)
     changes = {}
     names = {f.name for f in fields(TrainConfig)}
     for name in names:
@@ -192,10 +201,16 @@ def _log(msg: str) -> None:
 def run_train(args) -> int:
     from .distributed import init_distributed, load_dataset_once, shutdown
     from .results import RESULTS_NAME
+    from .text_cli import is_text
     from .train import TrainConfig, Trainer
 
+    if is_text(args):
+        from .text_cli import run_train
+
+        return run_train(args)
     cfg = _config_from(args, TrainConfig())
-    cfg = replace(cfg, epochs=_int_epochs(args.epochs), policy=args.policy, seed=args.seed)
+    cfg = replace(cfg, epochs=_int_epochs(args.epochs or str(TrainConfig.epochs)), policy=args.policy,
+                  seed=args.seed)
     cfg.check()
     _writable_dir(args.out)
     ctx = init_distributed(args.device)
@@ -218,7 +233,12 @@ def run_train(args) -> int:
 def run_ablate(args) -> int:
     from . import ablate, fused_grid
     from .distributed import init_distributed, shutdown
+    from .text_cli import is_text
 
+    if is_text(args):
+        from .text_cli import run_ablate
+
+        return run_ablate(args)
     if args.protocol not in ablate.PROTOCOLS:
         raise GammaGuideError(f"unknown --protocol {args.protocol!r}; use {', '.join(ablate.PROTOCOLS)}")
     protocol = ablate.PROTOCOLS[args.protocol]

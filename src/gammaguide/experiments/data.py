@@ -78,7 +78,7 @@ def balanced_indices(labels: torch.Tensor, n: int, seed: int, split: str) -> tor
     # Equal shares; the remainder goes to the first classes, one image each.
     share, extra = divmod(n, classes)
     picked = [idx[: share + (c < extra)] for c, idx in enumerate(per_class)]
-    short = [c for c, (p, want) in enumerate(zip(picked, (share + (c < extra) for c in range(classes))))
+    short = [c for c, (p, want) in enumerate(zip(picked, (share + (c < extra) for c in range(classes)), strict=True))
              if len(p) < want]
     if short:
         raise GammaGuideError(f"--subset {n} needs {share + 1} {split} images of class {short[0]}, which has fewer; "
@@ -187,7 +187,8 @@ def _imagefolder(root: Path, *, progress: bool) -> Dataset:
             return Dataset(f"imagefolder:{root}", blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"],
                            tuple(blob["classes"]))
         except Exception as exc:  # a cache cut short by a crash: decode again
-            warnings.warn(f"ignoring unreadable cache {path} ({type(exc).__name__}); decoding {root} again")
+            warnings.warn(f"ignoring unreadable cache {path} ({type(exc).__name__}); decoding {root} again",
+                          stacklevel=2)
     splits = {}
     for split, items in files.items():
         splits[split] = _decode_all(items, split, progress)
@@ -226,12 +227,13 @@ def _decode_all(items: list[tuple[Path, int]], split: str, progress: bool) -> tu
     if size is None:
         raise GammaGuideError(f"no image of the {split} split could be decoded (first error: {decoded[0][1]})")
     images, labels = [], []
-    for (path, y), (raw, info) in zip(jobs, decoded):
+    for (path, y), (raw, info) in zip(jobs, decoded, strict=True):
         if raw is None:
-            warnings.warn(f"skipping unreadable image {path} ({info})")
+            warnings.warn(f"skipping unreadable image {path} ({info})", stacklevel=2)
             continue
         if info != size:
-            warnings.warn(f"skipping {path}: {info[1]}x{info[0]} pixels, the others are {size[1]}x{size[0]}")
+            warnings.warn(f"skipping {path}: {info[1]}x{info[0]} pixels, the others are {size[1]}x{size[0]}",
+                          stacklevel=2)
             continue
         images.append(raw)
         labels.append(y)

@@ -154,8 +154,11 @@ def mechanism_differences(exp: Experiment) -> str:
 
 def _settings_line(s: dict[str, Any]) -> str:
     keys = ("model", "data", "epochs", "subset", "test_subset", "batch_size", "lr", "schedule", "weight_decay",
-            "momentum", "nesterov", "warmup_epochs")
-    return ", ".join(f"{k}={s[k]}" for k in keys if k in s and s[k] is not None)
+            "momentum", "nesterov", "warmup_epochs", "width", "layers", "label_smoothing")
+    line = ", ".join(f"{k}={s[k]}" for k in keys if k in s and s[k] is not None)
+    if s.get("optimizer") == "adamw":  # text runs: say how the decay acts
+        line += "; AdamW with decoupled weight decay (p -= lr * weight_decay * p), not an L2 term in the loss"
+    return line
 
 
 def _command(paths: list, out: Path | None, title: str | None, claims: bool = False) -> str:
