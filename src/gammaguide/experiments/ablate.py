@@ -217,15 +217,9 @@ def failed_record(cfg: TrainConfig, reason: str) -> RunRecord:
 
 
 def _worker(queue, out: str, checkpoints: str, data_dir: str | None, device: str, jobs: int) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
-    pid = os.getpid()
+    from .distributed import worker_context
 
-    def log(msg: str) -> None:
-        print(f"[worker {pid}] {msg}", flush=True)
-
-    from .distributed import pick_device
-
-    ctx = DistContext(0, 1, 0, pick_device(device))
+    ctx, log = worker_context(device, jobs)
     while True:
         cfg = queue.get()
         if cfg is None:

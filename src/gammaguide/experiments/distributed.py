@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -92,3 +93,15 @@ def load_dataset_once(ctx: DistContext, spec: str, data_dir=None, *, progress: b
     if not ctx.is_main:
         data = load_dataset(spec, data_dir, progress=False)
     return data
+
+
+def worker_context(device: str, jobs: int) -> tuple[DistContext, Callable[[str], None]]:
+    """For a worker process of ``--jobs``: its share of the threads (jobs at once must not
+    oversubscribe the cores), its device, and a log that says which worker speaks."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    pid = os.getpid()
+
+    def log(msg: str) -> None:
+        print(f"[worker {pid}] {msg}", flush=True)
+
+    return DistContext(0, 1, 0, pick_device(device)), log

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -202,15 +201,9 @@ def _write(records: list[RunRecord], results: Path, log: Callable[[str], None]) 
 
 
 def _worker(queue, out: str, checkpoints: str, data_dir: str | None, device: str, jobs: int, compile: bool) -> None:
-    from .distributed import pick_device
+    from .distributed import worker_context
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
-    pid = os.getpid()
-
-    def log(msg: str) -> None:
-        print(f"[worker {pid}] {msg}", flush=True)
-
-    ctx = DistContext(0, 1, 0, pick_device(device))
+    ctx, log = worker_context(device, jobs)
     while True:
         item = queue.get()
         if item is None:

@@ -34,6 +34,7 @@ from ..errors import GammaGuideError
 from ..models import create_model
 from . import fused as FU
 from . import mechanisms
+from .checkpoints import load_checkpoint, save_checkpoint
 from .data import Augment, Dataset, epoch_plan
 from .distributed import DistContext
 from .progress import bar as progress_bar
@@ -167,14 +168,8 @@ class FusedTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            return
-        try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            self.log(f"ignoring unreadable checkpoint {self.checkpoint} ({type(exc).__name__}); starting over")
-            return
-        if state.get("group") != self.group_key:
+        state = load_checkpoint(self.checkpoint, self.device, ("group", self.group_key), self.log)
+        if state is None:
             return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -187,15 +182,13 @@ class FusedTrainer:
     def _save(self, epoch: int) -> None:
         if self.checkpoint is None:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"group": self.group_key, "members": [c.key() for c in self.configs], "epoch": epoch,
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "histories": self.histories, "failed": self.failed,
-                    "train_seconds": self.train_seconds, "train_images": self.train_images,
-                    "run_state": self.run_model.state_dict(),
-                    "param_names": [k for k, _ in self.model.named_parameters()]}, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(self.checkpoint, {
+            "group": self.group_key, "members": [c.key() for c in self.configs], "epoch": epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "histories": self.histories, "failed": self.failed,
+            "train_seconds": self.train_seconds, "train_images": self.train_images,
+            "run_state": self.run_model.state_dict(),
+            "param_names": [k for k, _ in self.model.named_parameters()]})
 
     def discard_checkpoint(self) -> None:
         if self.checkpoint is not None:

@@ -38,6 +38,7 @@ from ..models import create_model
 from ..policy import resolve_policy
 from ..text_models import CLASSIFIERS, TRANSLATORS
 from . import bleu, mechanisms
+from .checkpoints import load_checkpoint, save_checkpoint
 from .distributed import DistContext
 from .progress import bar as progress_bar
 from .results import RESULTS_NAME, append_line, run_key
@@ -239,14 +240,8 @@ class TextTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            return
-        try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            self.log(f"ignoring unreadable checkpoint {self.checkpoint} ({type(exc).__name__}); starting over")
-            return
-        if state.get("key") != self.cfg.key():
+        state = load_checkpoint(self.checkpoint, self.device, ("key", self.cfg.key()), self.log)
+        if state is None:
             return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -259,14 +254,11 @@ class TextTrainer:
     def _save(self, epoch: int) -> None:
         if self.checkpoint is None:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "history": self.history, "train_seconds": self.train_seconds,
-                    "train_tokens": self.train_tokens, "hypotheses": self.hypotheses,
-                    "bleu_signature": self.bleu_signature}, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(self.checkpoint, {
+            "key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "history": self.history, "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
+            "hypotheses": self.hypotheses, "bleu_signature": self.bleu_signature})
 
     def save_result(self, record: RunRecord, results: str | os.PathLike) -> None:
         append_line(results, record.to_json())

@@ -27,6 +27,7 @@ from ..errors import GammaGuideError
 from ..models import create_model
 from ..policy import resolve_policy
 from . import mechanisms
+from .checkpoints import load_checkpoint, save_checkpoint
 from .data import Augment, Dataset, balanced_indices, epoch_plan
 from .distributed import DistContext, all_sum, barrier
 from .progress import bar as progress_bar
@@ -215,14 +216,8 @@ class Trainer:
 
     # -- checkpoints: a killed run resumes at its last finished epoch ----------------------------
     def _resume(self) -> None:
-        if self.checkpoint is None or not self.checkpoint.is_file():
-            return
-        try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            self.log(f"ignoring unreadable checkpoint {self.checkpoint} ({type(exc).__name__}); starting over")
-            return
-        if state.get("key") != self.cfg.key():
+        state = load_checkpoint(self.checkpoint, self.device, ("key", self.cfg.key()), self.log)
+        if state is None:
             return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -235,13 +230,10 @@ class Trainer:
     def _save(self, epoch: int) -> None:
         if self.checkpoint is None or not self.ctx.is_main:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "history": self.history, "train_seconds": self.train_seconds,
-                    "train_images": self.train_images}, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(self.checkpoint, {
+            "key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "history": self.history, "train_seconds": self.train_seconds, "train_images": self.train_images})
 
     def save_result(self, record: "RunRecord", results: str | os.PathLike) -> None:
         """Rank 0 appends the finished run to the results file, then drops its checkpoint."""

@@ -1,0 +1,34 @@
+"""Per-epoch checkpoints of a run (or a fused group): written whole or not at all, and read back
+only when they belong to the same run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` through a temporary file, so that a kill mid-write leaves the
+    previous checkpoint, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | None, device: torch.device, owner: tuple[str, Any],
+                    log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if there is one, it can be read and its ``owner[0]`` field
+    equals ``owner[1]`` (the run's key: another run's checkpoint is not ours to resume)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # cut short by a crash, or from another version: train from the start
+        log(f"ignoring unreadable checkpoint {path} ({type(exc).__name__}); starting over")
+        return None
+    field, value = owner
+    return state if state.get(field) == value else None
