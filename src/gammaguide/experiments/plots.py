@@ -102,7 +102,7 @@ def _gamma(plt, exp, colors):
                 ax.plot(x, y, color=colors[a.arm], label=a.arm)
         ax.set_title(f"mean |γ|: {role}")
         ax.set_xlabel("epoch")
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     return fig
 
 
@@ -120,7 +120,7 @@ def _effective_lr(plt, exp, colors):
     for ax in axes:
         _log_scale(ax)
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=7)
+    _legend(axes[0])
     return fig
 
 
@@ -143,7 +143,7 @@ def _variance_ratio(plt, exp, colors):
         axes[1].set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)
     for ax in axes:
         _log_scale(ax)
-    axes[0].legend(fontsize=7)
+    _legend(axes[0])
     return fig
 
 
@@ -170,3 +170,9 @@ def _log_scale(ax) -> None:
     """Log scale where the panel has positive data (a one-epoch run may have none)."""
     if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
         ax.set_yscale("log")
+
+
+def _legend(ax) -> None:
+    """A legend where the panel has labelled lines (a role or arm may have none to draw)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
