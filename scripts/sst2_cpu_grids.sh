@@ -4,12 +4,13 @@
 #
 #   bash scripts/sst2_cpu_grids.sh [sst2:PATH]
 #
-# Each model has one arm that is another arm's policy under another name, run for seed 0 alone
-# (one run shows the two are identical; more would only cost time):
-# Pre-LN classifier: no_gamma, guidelines, all, only:head x 3 seeds, plus only:residual_last for
-#   seed 0 (its γ are residual_last and head, so guidelines decays exactly the residual_last ones).
-# Post-LN classifier: no_gamma, all, only:stream, only:head x 3 seeds, plus guidelines for seed 0
-#   (guidelines decays no γ of a post-LN model: the policy of no_gamma).
+# Each model has one arm that is another arm's policy under another name:
+# Pre-LN classifier: no_gamma, guidelines, all, only:head x 3 seeds, then only:residual_last x 3
+#   seeds (its γ are residual_last and head, so guidelines decays exactly the residual_last ones;
+#   the claims table reads the γ_last claim from only:residual_last, so it gets every seed).
+# Post-LN classifier: no_gamma, all, only:stream, only:head x 3 seeds, then guidelines x 3 seeds
+#   (guidelines decays no γ of a post-LN model: the policy of no_gamma; the claims table compares
+#   guidelines with all and no_gamma, so it gets every seed).
 # Each grid logs to its results folder; a rerun of this script resumes both where they stopped.
 set -u
 data=${1:-sst2:../shared/data/sst2}
@@ -21,12 +22,12 @@ mkdir -p "$pre" "$post"
   python -m gammaguide ablate --protocol sst2-cpu --model textcls_preln --data "$data" \
     --arms no_gamma,guidelines,all,only:head --out "$pre" &&
   python -m gammaguide ablate --protocol sst2-cpu --model textcls_preln --data "$data" \
-    --arms only:residual_last --seeds 0 --out "$pre"
+    --arms only:residual_last --seeds 0,1,2 --out "$pre"
 ) >> "$pre/log.txt" 2>&1 &
 (
   python -m gammaguide ablate --protocol sst2-cpu --model textcls_postln --data "$data" \
     --arms no_gamma,all,only:stream,only:head --out "$post" &&
   python -m gammaguide ablate --protocol sst2-cpu --model textcls_postln --data "$data" \
-    --arms guidelines --seeds 0 --out "$post"
+    --arms guidelines --seeds 0,1,2 --out "$post"
 ) >> "$post/log.txt" 2>&1 &
 wait
