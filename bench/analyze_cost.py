@@ -9,7 +9,9 @@ The forward pass is timed as analyze runs it: eval mode, no autograd. Three ways
 - ratio: ``analyze`` as a user calls it, on meta tensors (shapes.py) with the shape cache
   warm from an earlier analysis in the process, as in any second analysis;
 - cold: the same with the shape cache emptied before each call (a first analysis);
-- real pass: the forward pass forced to run for real, as for a model that needs values.
+- real pass: the forward pass forced to run for real, as for a model that needs values;
+and one floor: *empty mode*, the forward pass under a TorchDispatchMode that only calls each op
+(what intercepting every op costs in Python before anything is recorded).
 Then it analyzes a LLaMA-7B-architecture model built on the meta device and prints the time
 and the rise in peak resident memory (peak RSS after the call minus peak RSS before it).
 Targets: ratio <= 1.2 for ResNet-50, ViT-B/16 and BERT-base (issue 2), <= 1.5 for the two small
@@ -29,6 +31,7 @@ import gammaguide as gg
 from gammaguide.analysis import build_report, trace_model
 from gammaguide.policy import resolve_policy
 from gammaguide.shapes import MetaRunner
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _peak_rss_mb() -> float:
@@ -69,12 +72,22 @@ def _analyze_real(model, x):
     build_report(trace_model(model, x, on_meta=False), resolve_policy("guidelines"))
 
 
+class _EmptyMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_in_empty_mode(model, x):
+    with _EmptyMode():
+        _forward(model, x)
+
+
 def ratio_rows(repeats: int, only: set[str] | None = None):
     for name, factory, x in _models():
         if only and name.split(" ")[0] not in only:
             continue
         model = factory()
-        timed = (_forward, _analyze, _analyze_cold, _analyze_real)
+        timed = (_forward, _analyze, _analyze_cold, _analyze_real, _forward_in_empty_mode)
         for fn in timed:  # warm-up: lazy imports, allocator, op caches
             fn(model, x)
         times = {fn: [] for fn in timed}
@@ -83,8 +96,8 @@ def ratio_rows(repeats: int, only: set[str] | None = None):
                 t = time.perf_counter()
                 fn(model, x)
                 times[fn].append(time.perf_counter() - t)
-        f, a, cold, real = (statistics.median(times[fn]) for fn in timed)
-        yield name, f, a, a / f, cold / f, real / f
+        f, a, cold, real, empty = (statistics.median(times[fn]) for fn in timed)
+        yield name, f, a, a / f, cold / f, real / f, empty / f
 
 
 def meta_llama_7b():
@@ -118,13 +131,15 @@ def main() -> int:
     # real models leave behind.
     if not args.no_llama:
         n_params, n_norms, seconds, rise = meta_llama_7b()
-    print(f"\n{'model':<22}{'forward ms':>12}{'analyze ms':>12}{'ratio':>8}{'cold':>8}{'real pass':>11}  target")
-    for name, f, a, r, cold, real in ratio_rows(args.repeats, only):
+    print(f"\n{'model':<22}{'forward ms':>12}{'analyze ms':>12}{'ratio':>8}{'cold':>8}{'real pass':>11}"
+          f"{'empty mode':>12}  target")
+    for name, f, a, r, cold, real, empty in ratio_rows(args.repeats, only):
         target = TARGETS.get(name, 1.2)
-        print(f"{name:<22}{f * 1e3:>12.1f}{a * 1e3:>12.1f}{r:>8.2f}{cold:>8.2f}{real:>11.2f}  "
+        print(f"{name:<22}{f * 1e3:>12.1f}{a * 1e3:>12.1f}{r:>8.2f}{cold:>8.2f}{real:>11.2f}{empty:>12.2f}  "
               f"<= {target}: {'ok' if r <= target else 'MISSED'}")
     print("ratio: analyze / forward, shape cache warm; cold: shape cache emptied first; real pass: the forward "
-          "pass run for real, as for a model that needs values")
+          "pass run for real, as for a model that needs values; empty mode: the forward pass under a dispatch "
+          "mode that records nothing (the floor of any analysis by dispatch mode)")
     if not args.no_llama:
         print(f"\nLLaMA-7B architecture on meta ({n_params / 1e9:.2f}B params): {n_norms} RMSNorm scales found, "
               f"analyze {seconds:.2f} s (target < 2 s), peak RSS rise {rise:.1f} MB (target < 100 MB)")
