@@ -23,7 +23,7 @@ import torch
 from ..errors import GammaGuideError
 from ..policy import resolve_policy
 from .data import load_dataset
-from .distributed import DistContext, barrier, load_dataset_once
+from .distributed import DistContext, barrier, load_dataset_once, run_workers
 from .results import RESULTS_NAME, append_line, finished_keys
 from .text_train import TextConfig
 from .train import RunRecord, TrainConfig, Trainer
@@ -166,21 +166,7 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
                 log(f"run {i + 1}/{len(todo)}: {cfg.policy} seed {cfg.seed}")
             _run_one(cfg, out, ckpt, data_dir, ctx, progress, log)
         return todo
-    spawn = mp.get_context("spawn")
-    queue = spawn.Queue()
-    for cfg in todo:
-        queue.put(cfg)
-    workers = [spawn.Process(target=_worker, args=(queue, str(out), str(ckpt), data_dir, device, jobs), daemon=False)
-               for _ in range(min(jobs, len(todo)))]
-    for w in workers:
-        queue.put(None)
-        w.start()
-    for w in workers:
-        w.join()
-    bad = [w.exitcode for w in workers if w.exitcode]
-    if bad:
-        raise GammaGuideError(f"{len(bad)} worker process(es) failed (exit codes {bad}); finished runs are in "
-                              f"{results}; rerun the same command to do the rest")
+    run_workers(_worker, todo, (str(out), str(ckpt), data_dir, device, jobs), jobs, results)
     return todo
 
 

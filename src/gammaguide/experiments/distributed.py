@@ -7,9 +7,11 @@ CPU), and only rank 0 logs, shows progress and writes results.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -105,3 +107,23 @@ def worker_context(device: str, jobs: int) -> tuple[DistContext, Callable[[str],
         print(f"[worker {pid}] {msg}", flush=True)
 
     return DistContext(0, 1, 0, pick_device(device)), log
+
+
+def run_workers(worker: Callable, items: list, args: tuple, jobs: int, results: Path) -> None:
+    """``--jobs``: ``worker(queue, *args)`` in up to ``jobs`` spawned processes that take
+    ``items`` from one queue until a ``None`` each; a failed worker is an error once all have
+    stopped (what they finished is already in ``results``)."""
+    spawn = mp.get_context("spawn")
+    queue: Any = spawn.Queue()
+    for item in items:
+        queue.put(item)
+    workers = [spawn.Process(target=worker, args=(queue, *args)) for _ in range(min(jobs, len(items)))]
+    for w in workers:
+        queue.put(None)
+        w.start()
+    for w in workers:
+        w.join()
+    bad = [w.exitcode for w in workers if w.exitcode]
+    if bad:
+        raise GammaGuideError(f"{len(bad)} worker process(es) failed (exit codes {bad}); finished runs are in "
+                              f"{results}; rerun the same command to do the rest")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from ..errors import GammaGuideError
 from .data import Dataset, load_dataset
-from .distributed import DistContext
+from .distributed import DistContext, run_workers
 from .results import RESULTS_NAME, append_line
 from .train import RunRecord, TrainConfig
 
@@ -154,21 +153,9 @@ def run_groups(configs: list[TrainConfig], done: set[str], out: Path, checkpoint
             log(f"group {i + 1}/{len(todo)}: {len(group)} runs")
             _run_group(group, done, out, checkpoints, data_dir, ctx, compile, progress, log)
         return
-    spawn = mp.get_context("spawn")
-    queue = spawn.Queue()
-    for group in todo:
-        queue.put((group, {c.key() for c in group} & done))
-    workers = [spawn.Process(target=_worker, args=(queue, str(out), str(checkpoints), data_dir, device, jobs, compile))
-               for _ in range(min(jobs, len(todo)))]
-    for w in workers:
-        queue.put(None)
-        w.start()
-    for w in workers:
-        w.join()
-    bad = [w.exitcode for w in workers if w.exitcode]
-    if bad:
-        raise GammaGuideError(f"{len(bad)} worker process(es) failed (exit codes {bad}); finished runs are in "
-                              f"{out / RESULTS_NAME}; rerun the same command to do the rest")
+    items = [(group, {c.key() for c in group} & done) for group in todo]
+    run_workers(_worker, items, (str(out), str(checkpoints), data_dir, device, jobs, compile), jobs,
+                out / RESULTS_NAME)
 
 
 def _run_group(group: list[TrainConfig], written: set[str], out: Path, checkpoints: Path, data_dir: str | None,
