@@ -94,7 +94,6 @@ def test_merged_gammas_are_shown_not_to_be_scale_invariant():
 
 IMG = (2, 3, 32, 32)  # the documented input size for ImageNet models (see docs/core.md)
 CIFAR = (2, 3, 8, 8)  # and for the built-in CIFAR models
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128)
 
 
 def _image(shape=IMG):
@@ -136,6 +135,7 @@ def _zoo():
             block_fn=getattr(vt, block), init_values=1e-5, qk_norm=block == "ParallelScalingBlock"), _image()))
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.set_verbosity_error()
+    from test_core_meta_pass import HF_PARITY, TINY  # the families the meta-pass tests build, same configs
 
     def hf(config, cls, **kw):
         return lambda: getattr(transformers, cls)(getattr(transformers, config)(**kw))
@@ -144,17 +144,12 @@ def _zoo():
         ("BertConfig", "BertForSequenceClassification", TINY),
         ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=2, n_inner=64, vocab_size=128)),
         ("LlamaConfig", "LlamaForCausalLM", dict(TINY, num_key_value_heads=2)),
-        ("T5Config", "T5EncoderModel", dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=128)),
-        ("GemmaConfig", "GemmaForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=16)),
-        ("Gemma2Config", "Gemma2ForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=16)),
-        ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=2, vocab_size=128)),
-        ("AlbertConfig", "AlbertModel", dict(TINY, embedding_size=16)),
-        ("Qwen3Config", "Qwen3ForCausalLM", dict(TINY, num_key_value_heads=1, head_dim=16)),
         ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=2, n_head=2, vocab_size=128, rotary_dim=8)),
         ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(TINY, use_parallel_residual=True)),
         ("FalconConfig", "FalconForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                    vocab_size=128, new_decoder_architecture=True)),
         ("PhiConfig", "PhiForCausalLM", TINY),
+        *HF_PARITY,
     ]:
         out.append((f"hf:{cls}", hf(config, cls, **kw), _ids))
     # The suite's own modules that exercise sums and channel routing.
