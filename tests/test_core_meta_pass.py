@@ -192,6 +192,20 @@ def test_real_arguments_get_one_twin_each_and_are_not_written():
     assert torch.equal(buf, torch.zeros(3))
 
 
+def test_a_cache_hit_makes_no_twins_and_reads_shapes_off_a_reshaped_twin():
+    MetaRunner._cache.clear()
+    x, weight = torch.empty(2, 4, device="meta"), torch.randn(3, 4)
+    MetaRunner()(aten.mm.default, (x, weight.t()), None)  # fills the cache
+    runner = MetaRunner()
+    assert runner(aten.mm.default, (x, weight.t()), None).shape == (2, 3)
+    assert runner.twins == {}  # the hit ran nothing, so the real weight needed no twin
+    # Once an op reshaped a twin in place, the key is read off the twin, not the real tensor.
+    square = torch.randn(4, 4)
+    twin = runner.twin(square)
+    twin.resize_(4, 3)
+    assert runner(aten.mm.default, (x, square), None).shape == (2, 3)
+
+
 def test_views_alias_their_argument_and_bypass_the_cache():
     runner = MetaRunner()
     x = torch.empty(4, 6, device="meta")

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 from .errors import GammaGuideError
 from .inputs import describe_inputs, eval_without_side_effects, prepare_inputs, unwrap
@@ -33,7 +34,7 @@ class Traced:
     input_shapes: tuple[str, ...]
     # id -> whole shape, for parameters held as 1-D shards outside the trace (FSDP1).
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    # ``inner``'s modules as walked after the forward pass; None: walk them when needed.
+    # ``inner``'s modules as walked for the analysis; None: walk them when needed.
     tree: ModuleTree | None = None
     traced_on: str = "real"  # "meta" when the forward pass ran on shapes alone (shapes.py)
 
@@ -54,11 +55,13 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=No
 def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=None,
                  on_meta: bool | None = None) -> Traced:
     inner = unwrap(model)
-    before = ModuleTree(inner)  # one walk for every stage up to the forward pass
-    args, kwargs = prepare_inputs(inner, example_inputs, before)
-    with eval_without_side_effects(inner, before), _TrainingProbe(before) as probe:
+    # One walk for every stage. ``trace`` puts every module back exactly as it was (module_state.py),
+    # modules or parameters the pass registered gone again, so the tree before it is the tree after it.
+    tree = ModuleTree(inner)
+    args, kwargs = prepare_inputs(inner, example_inputs, tree)
+    with eval_without_side_effects(inner, tree), _TrainingProbe(tree) as probe:
         try:
-            graph, traced_on = _one_pass(inner, args, kwargs, before, observe_adds, on_meta)
+            graph, traced_on = _one_pass(inner, args, kwargs, tree, observe_adds, on_meta)
         except GammaGuideError:
             raise
         except Exception as exc:  # the user's forward pass: say what we ran it with
@@ -73,10 +76,9 @@ def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=N
             f"the dataflow to the output cannot be traced; analyze a module whose forward returns its outputs "
             f"(for example wrap it: lambda-free nn.Module returning the logits)."
         )
-    after = ModuleTree(inner)  # and one for every stage after it
-    finding = find_norms(graph, inner, after, probe)
+    finding = find_norms(graph, inner, tree, probe)
     flow = Dataflow(graph, finding)
-    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=after,
+    return Traced(model, inner, graph, finding, flow, tuple(describe_inputs(args, kwargs)), tree=tree,
                   traced_on=traced_on)
 
 
@@ -211,7 +213,8 @@ def build_report(
     for name, p in outer.named_parameters:
         shape = traced.shapes.get(id(p))
         if shape is None:  # an uninitialized lazy parameter the pass did not reach has none yet
-            shape = () if isinstance(p, nn.parameter.UninitializedParameter) else tuple(p.shape)
+            # (The mixin, not UninitializedParameter: Parameter's metaclass makes isinstance slow.)
+            shape = () if isinstance(p, UninitializedTensorMixin) else tuple(p.shape)
         role = None
         if id(p) in gamma_info:
             inner_name, module_name, norm_type = gamma_info[id(p)]

@@ -4,8 +4,9 @@ Finding the inputs' device, switching to eval mode, naming parameters, finding n
 building the report each need the model's modules or parameters. Each stage walking the tree
 itself cost seven walks per analysis (about 0.5 ms for ResNet-50, against a 30 ms forward
 pass); a ``ModuleTree`` walks it once and derives the rest. It is built for one analysis and
-never kept: a forward pass may register modules or parameters, so the stages after the trace
-take a tree of their own.
+never kept (the model may change between analyses). Within one analysis the traced forward
+pass may register modules or parameters, but ``trace`` removes them again (module_state.py), so
+the stages after the pass share the tree with those before it.
 """
 
 from __future__ import annotations

@@ -125,12 +125,17 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
             empty.extend(hooks)
         for name in d.keys() - _INTERNALS:  # the subclass's own attributes (set difference, in C)
             value = d[name]
-            if type(value) not in _ATOMS:
+            if type(value) not in _ATOMS and not _atom_tuple(value):
                 _record(value, state, seen, 0)
         if isinstance(m, LazyModuleMixin):
             state.uninitialized += [(t, type(t), t.data) for t in (*m._parameters.values(), *m._buffers.values())
                                     if isinstance(t, UninitializedTensorMixin)]
     return state
+
+
+def _atom_tuple(value: Any) -> bool:
+    """A tuple of atoms (a conv's ``kernel_size``, ``stride``, ``padding``): nothing in it can change."""
+    return type(value) is tuple and all(type(v) in _ATOMS for v in value)
 
 
 def _fsdp2_managed(modules: list[nn.Module]) -> set[int]:

@@ -5,14 +5,16 @@ runs every op on ``meta`` tensors: shape, dtype and strides, no storage and no a
 The pass then costs the model's Python overhead and none of its arithmetic (ResNet-50 at
 batch 1 on two CPU cores: about 10 ms, against 34 ms for the forward pass itself), and no
 activation is ever allocated. The model is not touched: its inputs are given as meta twins, and each
-parameter, buffer or other real tensor gets a meta twin the first time an op consumes it
-together with a meta tensor. Ops on real tensors alone (a factory, a scalar read of a
+parameter, buffer or other real tensor gets a meta twin the first time an op that meets a meta
+tensor must really run on it. Ops on real tensors alone (a factory, a scalar read of a
 parameter) still run for real.
 
 Many meta kernels are Python decompositions (batch norm about 0.5 ms a call, against
 0.04 ms for a convolution): the outputs of ops that allocate fresh tensors are remembered by
 the shapes, strides and dtypes of their arguments, which is all a meta kernel can depend
-on, so each distinct layer shape is inferred once per process.
+on, so each distinct layer shape is inferred once per process. Such a cache hit runs
+nothing, so it needs no twins either: on a second analysis, the weights of a plain CNN never
+get one.
 
 A forward pass that needs values (``.item()``, ``if mask.any():``, ``.cpu()``, an op with no
 meta kernel) raises on meta tensors; the caller then runs it for real.
@@ -69,15 +71,6 @@ def _tensor_spec(t: torch.Tensor) -> tuple:
 def _empty(spec: tuple) -> torch.Tensor:
     """A new meta tensor of ``_tensor_spec``'s shape, strides and dtype."""
     return torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=_META)
-
-
-def _spec(a: Any) -> Any:
-    """A hashable stand-in for one argument: all a meta kernel can see of it."""
-    if isinstance(a, torch.Tensor):
-        return _tensor_spec(a)
-    if isinstance(a, (list, tuple)):
-        return tuple(_spec(b) for b in a)
-    return a
 
 
 def _out_spec(out: Any) -> Any:
@@ -144,7 +137,28 @@ class MetaRunner:
             return [self.twin(b) if isinstance(b, torch.Tensor) else b for b in a]
         return a
 
-    def __call__(self, func, args: tuple, kwargs: dict | None) -> Any:
+    def _key(self, args: tuple | list) -> tuple:
+        """A hashable stand-in for each argument (for a tensor all a meta kernel can see of it: shape,
+        strides, dtype), read off its twin where it has one (an in-place op may have
+        reshaped the twin) and off the tensor itself where not: a real tensor and its twin-to-be
+        have the same shape, strides and dtype, so a cache hit needs no twins at all."""
+        twins, out = self.twins, []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if not a.is_meta:
+                    e = twins.get(id(a))
+                    if e is not None and e[0] is a:
+                        a = e[1]
+                out.append((a.shape, a.stride(), a.dtype))
+            elif isinstance(a, (list, tuple)):
+                # Sizes, strides, paddings: a list of ints is its own key (a tensor list never starts with one).
+                out.append(tuple(a) if a and type(a[0]) is int else self._key(a))
+            else:
+                out.append(a)
+        return tuple(out)
+
+    def _run(self, func, args: tuple, kwargs: dict | None) -> Any:
+        """``func`` on meta twins of its tensor arguments."""
         twin = self.twin
         args = tuple(
             twin(a) if isinstance(a, torch.Tensor)
@@ -154,6 +168,10 @@ class MetaRunner:
         )
         if kwargs:
             kwargs = {k: twin(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+        return func(*args)
+
+    def __call__(self, func, args: tuple, kwargs: dict | None) -> Any:
         fresh = self._fresh.get(id(func))
         if fresh is None:
             fresh = self._fresh[id(func)] = _allocates_fresh(func)
@@ -162,22 +180,22 @@ class MetaRunner:
             if in_place is None:
                 in_place = self._in_place[id(func)] = _in_place_keeping_shape(func)
             if in_place and not kwargs and sum(isinstance(a, torch.Tensor) for a in args) == 1:
-                return args[0]  # the meta tensor it writes into is its result, unchanged
-            return func(*args, **kwargs) if kwargs else func(*args)
+                return self.twin(args[0])  # the meta tensor it writes into is its result, unchanged
+            return self._run(func, args, kwargs)
         # The default dtype decides the result of, say, dividing integer tensors.
-        key = (func, _spec(args), _spec(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())
+        key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())
         try:
             spec = self._cache.get(key)
         except TypeError:  # an argument that does not hash: run it every time
-            return func(*args, **kwargs) if kwargs else func(*args)
+            return self._run(func, args, kwargs)
         if spec is None:
             _check_dtypes(func, args)
-            out = func(*args, **kwargs) if kwargs else func(*args)
+            out = self._run(func, args, kwargs)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = (_out_spec(out), isinstance(out, list))
             return out
         out_spec, is_list = spec
         if out_spec is _UNCACHEABLE:
-            return func(*args, **kwargs) if kwargs else func(*args)
+            return self._run(func, args, kwargs)
         return _rebuild(out_spec, is_list)

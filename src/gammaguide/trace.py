@@ -224,6 +224,10 @@ def _observed(func) -> bool:
     return name in SUM_OPS or name == "stack" or name in STACK_REDUCTIONS
 
 
+# id(op) -> (op, its writes, what to record, observed): the same for every trace in the process.
+_OP_INFO: dict[int, tuple[Any, _Writes, int, bool]] = {}
+
+
 class _Recorder(TorchDispatchMode):
     """Appends one node per aten op to ``graph``; kept lean because it runs per op."""
 
@@ -245,7 +249,6 @@ class _Recorder(TorchDispatchMode):
         self.cur_call = -1
         self.observe_adds = observe_adds
         self.view_writes: dict[int, int] = {}  # storage -> last node that wrote into it through a view
-        self._info: dict[int, tuple[_Writes, int, bool]] = {}  # id(op) -> (writes, recording, observed)
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param/buffer, value before)
         self.shared: dict[str, int] = {}  # the one leaf node of all buffers, of all constants
 
@@ -314,10 +317,10 @@ class _Recorder(TorchDispatchMode):
         runner = self.runner if on_meta else None
         g = self.g
         n = len(g.ops)
-        info = self._info.get(id(func))  # ops are long-lived singletons; their ids hash fast
-        if info is None:
-            info = self._info[id(func)] = (_Writes.of(func) or _NO_WRITES, _recording(func), _observed(func))
-        writes, recording, observed = info
+        info = _OP_INFO.get(id(func))  # ops are long-lived singletons; their ids hash fast
+        if info is None or info[0] is not func:  # (the op held in it keeps its id from being reused)
+            info = _OP_INFO[id(func)] = (func, _Writes.of(func) or _NO_WRITES, _recording(func), _observed(func))
+        _, writes, recording, observed = info
         if observed and self.observe_adds is not None:
             # Measured before the op runs: an in-place add overwrites its first argument.
             g.add_observations[n] = tuple(self.observe_adds(t) for t in _iter_tensors((args, kwargs or {})))
