@@ -104,8 +104,9 @@ class MetaRunner:
     """Runs one op on meta twins of its tensor arguments; one per traced forward pass."""
 
     _cache: dict[tuple, Any] = {}  # shared by every runner: layer shapes recur across analyses
-    _fresh: dict[int, bool] = {}  # id(op) -> allocates fresh outputs
-    _in_place: dict[int, bool] = {}  # id(op) -> writes into its first argument, keeping its shape
+    # id(op) -> (op, allocates fresh outputs, writes into its first argument keeping its shape);
+    # holding the op keeps its id from being reused by another.
+    _kinds: dict[int, tuple[Any, bool, bool]] = {}
 
     def __init__(self) -> None:
         # id(real tensor) -> (real tensor, its twin); holding the real keeps its id unique.
@@ -172,13 +173,11 @@ class MetaRunner:
         return func(*args)
 
     def __call__(self, func, args: tuple, kwargs: dict | None) -> Any:
-        fresh = self._fresh.get(id(func))
-        if fresh is None:
-            fresh = self._fresh[id(func)] = _allocates_fresh(func)
+        kind = self._kinds.get(id(func))
+        if kind is None or kind[0] is not func:
+            kind = self._kinds[id(func)] = (func, _allocates_fresh(func), _in_place_keeping_shape(func))
+        _, fresh, in_place = kind
         if not fresh:  # views and in-place ops must alias their arguments: no cache
-            in_place = self._in_place.get(id(func))
-            if in_place is None:
-                in_place = self._in_place[id(func)] = _in_place_keeping_shape(func)
             if in_place and not kwargs and sum(isinstance(a, torch.Tensor) for a in args) == 1:
                 return self.twin(args[0])  # the meta tensor it writes into is its result, unchanged
             return self._run(func, args, kwargs)
