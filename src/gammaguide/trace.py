@@ -137,9 +137,8 @@ def _record(args: tuple, kwargs: dict | None, out: Any) -> tuple:
 def _record_light(args: tuple, kwargs: dict | None, out: Any) -> tuple:
     """For convolutions and fused norms, which run often: the shapes of their input and weight
     and their plain arguments (groups, normalized shape) are all channels.py reads."""
-    spec = tuple(
-        (Arg(a.shape) if i < 2 else None) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)
-    )
+    head = [Arg(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:2]]
+    spec = (*head, *[None if isinstance(a, torch.Tensor) else a for a in args[2:]])
     return spec, (tuple(out.shape) if isinstance(out, torch.Tensor) else None), None
 
 
