@@ -1,9 +1,11 @@
-"""Helpers for the experiment tests: a tiny ImageFolder tree made on the spot."""
+"""Helpers for the experiment tests: a tiny ImageFolder tree made on the spot, and a run
+interrupted mid-way."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -24,3 +26,18 @@ def make_imagefolder(root: Path, per_class: int = 6, test_per_class: int = 3, cl
                 pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
     return root
+
+
+def interrupt_in_epoch_two(trainer) -> None:
+    """Run ``trainer`` (a Trainer or FusedTrainer) and stop it as its second epoch starts, as a
+    Ctrl-C would: its checkpoint then holds the first epoch."""
+    real_epoch = trainer.train_epoch
+
+    def die_in_epoch_two(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(epoch)
+
+    trainer.train_epoch = die_in_epoch_two
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()

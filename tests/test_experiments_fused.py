@@ -29,7 +29,7 @@ from gammaguide.experiments.distributed import DistContext
 from gammaguide.experiments.fused_train import FusedTrainer, unfuse_checkpoint
 from gammaguide.experiments.train import TrainConfig, Trainer
 
-from experiment_helpers import make_imagefolder
+from experiment_helpers import interrupt_in_epoch_two, make_imagefolder
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 ARMS = ("guidelines", "only:shortcut", "all", "no_gamma")
@@ -280,17 +280,7 @@ def test_killed_group_resumes_from_its_checkpoint_with_the_same_records(tmp_path
     runs = _group(base, ARMS[:2], SEEDS[:2])
     whole = FusedTrainer(runs, data, CPU, progress=False).run()
     ckpt = tmp_path / "group.pt"
-    first = FusedTrainer(runs, data, CPU, progress=False, checkpoint=ckpt)
-    real_epoch = first.train_epoch
-
-    def die_in_epoch_two(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(epoch)
-
-    first.train_epoch = die_in_epoch_two
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    interrupt_in_epoch_two(FusedTrainer(runs, data, CPU, progress=False, checkpoint=ckpt))
     resumed = FusedTrainer(runs, data, CPU, progress=False, checkpoint=ckpt)
     assert resumed.start_epoch == 1
     _same_records(whole, resumed.run(), 0.0)  # CPU training is deterministic: identical

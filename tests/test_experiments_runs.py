@@ -22,7 +22,7 @@ from gammaguide.experiments.distributed import DistContext
 from gammaguide.experiments.report import summarize, write_report
 from gammaguide.experiments.train import TrainConfig, Trainer, lr_factor
 
-from experiment_helpers import make_imagefolder
+from experiment_helpers import interrupt_in_epoch_two, make_imagefolder
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 TINY = dict(model="resnet20", epochs=2, batch_size=16, variance_batch=8)
@@ -106,17 +106,7 @@ def test_non_finite_loss_stops_the_run_as_failed(tree, dataset):
 def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(tree, dataset, tmp_path):
     whole = Trainer(_cfg(tree), dataset, CPU, progress=False).run()
     ckpt = tmp_path / "run.pt"
-    first = Trainer(_cfg(tree), dataset, CPU, progress=False, checkpoint=ckpt)
-    real_epoch = first.train_epoch
-
-    def die_in_epoch_two(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(epoch)
-
-    first.train_epoch = die_in_epoch_two
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    interrupt_in_epoch_two(Trainer(_cfg(tree), dataset, CPU, progress=False, checkpoint=ckpt))
     assert ckpt.is_file()
     resumed = Trainer(_cfg(tree), dataset, CPU, progress=False, checkpoint=ckpt)
     assert resumed.start_epoch == 1

@@ -32,3 +32,16 @@ def load_checkpoint(path: Path | None, device: torch.device, owner: tuple[str, A
         return None
     field, value = owner
     return state if state.get(field) == value else None
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """What every trainer's checkpoint holds besides its own records: the model, optimizer and
+    scheduler states, under the keys ``restore_training_state`` reads."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def restore_training_state(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])

@@ -34,7 +34,7 @@ from ..errors import GammaGuideError
 from ..models import create_model
 from . import fused as FU
 from . import mechanisms
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .data import Augment, Dataset, epoch_plan
 from .distributed import DistContext
 from .progress import bar as progress_bar
@@ -171,9 +171,7 @@ class FusedTrainer:
         state = load_checkpoint(self.checkpoint, self.device, ("group", self.group_key), self.log)
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore_training_state(state, self.model, self.optimizer, self.scheduler)
         self.histories, self.failed = state["histories"], state["failed"]
         self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
         self.start_epoch = state["epoch"]
@@ -184,8 +182,8 @@ class FusedTrainer:
             return
         save_checkpoint(self.checkpoint, {
             "group": self.group_key, "members": [c.key() for c in self.configs], "epoch": epoch,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "histories": self.histories, "failed": self.failed,
+            **training_state(self.model, self.optimizer, self.scheduler), "histories": self.histories,
+            "failed": self.failed,
             "train_seconds": self.train_seconds, "train_images": self.train_images,
             "run_state": self.run_model.state_dict(),
             "param_names": [k for k, _ in self.model.named_parameters()]})

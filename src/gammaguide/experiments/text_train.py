@@ -38,7 +38,7 @@ from ..models import create_model
 from ..policy import resolve_policy
 from ..text_models import CLASSIFIERS, TRANSLATORS
 from . import bleu, mechanisms
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .distributed import DistContext
 from .progress import bar as progress_bar
 from .results import RESULTS_NAME, append_line, run_key
@@ -243,9 +243,7 @@ class TextTrainer:
         state = load_checkpoint(self.checkpoint, self.device, ("key", self.cfg.key()), self.log)
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore_training_state(state, self.model, self.optimizer, self.scheduler)
         self.history, self.start_epoch = state["history"], state["epoch"]
         self.train_seconds, self.train_tokens = state["train_seconds"], state["train_tokens"]
         self.hypotheses, self.bleu_signature = state.get("hypotheses"), state.get("bleu_signature")
@@ -255,8 +253,7 @@ class TextTrainer:
         if self.checkpoint is None:
             return
         save_checkpoint(self.checkpoint, {
-            "key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "key": self.cfg.key(), "epoch": epoch, **training_state(self.model, self.optimizer, self.scheduler),
             "history": self.history, "train_seconds": self.train_seconds, "train_tokens": self.train_tokens,
             "hypotheses": self.hypotheses, "bleu_signature": self.bleu_signature})
 

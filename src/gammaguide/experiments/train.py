@@ -27,7 +27,7 @@ from ..errors import GammaGuideError
 from ..models import create_model
 from ..policy import resolve_policy
 from . import mechanisms
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .data import Augment, Dataset, balanced_indices, epoch_plan
 from .distributed import DistContext, all_sum, barrier
 from .progress import bar as progress_bar
@@ -219,9 +219,7 @@ class Trainer:
         state = load_checkpoint(self.checkpoint, self.device, ("key", self.cfg.key()), self.log)
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore_training_state(state, self.model, self.optimizer, self.scheduler)
         self.history = state["history"]
         self.start_epoch = state["epoch"]
         self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
@@ -231,8 +229,7 @@ class Trainer:
         if self.checkpoint is None or not self.ctx.is_main:
             return
         save_checkpoint(self.checkpoint, {
-            "key": self.cfg.key(), "epoch": epoch, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "key": self.cfg.key(), "epoch": epoch, **training_state(self.model, self.optimizer, self.scheduler),
             "history": self.history, "train_seconds": self.train_seconds, "train_images": self.train_images})
 
     def save_result(self, record: "RunRecord", results: str | os.PathLike) -> None:
