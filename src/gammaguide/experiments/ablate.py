@@ -25,7 +25,8 @@ from ..policy import resolve_policy
 from .data import load_dataset
 from .distributed import DistContext, barrier, load_dataset_once, run_workers
 from .results import RESULTS_NAME, append_line, finished_keys
-from .text_train import TextConfig
+from .text_train import TextConfig, TextRunRecord, TextTrainer, load_data
+from .text_train import failed_record as text_failed_record
 from .train import RunRecord, TrainConfig, Trainer
 
 ARMS = ("no_gamma", "only:residual_last", "only:scale_invariant", "only:shortcut", "only:stream",
@@ -171,30 +172,36 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
 
 
 
-def _run_one(cfg: TrainConfig, out: Path, checkpoints: Path, data_dir: str | None, ctx: DistContext,
+def _run_one(cfg: TrainConfig | TextConfig, out: Path, checkpoints: Path, data_dir: str | None, ctx: DistContext,
              progress: bool, log: Callable[[str], None]) -> None:
+    """One run of the grid, image or text: a finished line in OUT/results.jsonl, or a failed one saying why."""
     if isinstance(cfg, TextConfig):
-        from .text_train import run_one
-
-        return run_one(cfg, out, checkpoints, data_dir, ctx, progress, log)
-    data = load_dataset(cfg.data, data_dir, progress=False)
+        data, make, failed = load_data(cfg, data_dir), TextTrainer, text_failed_record
+    else:
+        data, make, failed = load_dataset(cfg.data, data_dir, progress=False), Trainer, failed_record
     try:
-        trainer = Trainer(cfg, data, ctx, checkpoint=checkpoints / f"{cfg.key()}.pt", progress=progress,
-                          log=log)
+        trainer = make(cfg, data, ctx, checkpoint=checkpoints / f"{cfg.key()}.pt", progress=progress, log=log)
         record = trainer.run()
     except GammaGuideError:
         raise  # a bad setting fails every run alike: stop the grid and say so
     except Exception as exc:  # this run broke; record why and go on with the grid
         if ctx.distributed:
             raise  # the other ranks cannot go on alone
-        record = failed_record(cfg, f"{type(exc).__name__}: {exc}")
+        record = failed(cfg, f"{type(exc).__name__}: {exc}")
         append_line(out / RESULTS_NAME, record.to_json())
         log(f"  -> {cfg.policy} seed {cfg.seed}: failed ({record.reason})")
         return
     trainer.save_result(record, out / RESULTS_NAME)
     if ctx.is_main:
-        log(f"  -> {record.arm} seed {record.seed}: {record.status}"
-            + (f", test accuracy {record.test_acc:.4f}" if record.test_acc is not None else f" ({record.reason})"))
+        log(f"  -> {record.arm} seed {record.seed}: {record.status}{_score(record)}")
+
+
+def _score(record: RunRecord) -> str:
+    """The run's score for the log line, or why it has none."""
+    if isinstance(record, TextRunRecord):  # accuracy or BLEU, by the task
+        value = record.test_acc if record.metric == "test_acc" else record.test_bleu
+        return f", {record.metric} {value:.4f}" if value is not None else f" ({record.reason or 'no score'})"
+    return f", test accuracy {record.test_acc:.4f}" if record.test_acc is not None else f" ({record.reason})"
 
 
 def failed_record(cfg: TrainConfig, reason: str) -> RunRecord:

@@ -41,9 +41,9 @@ from . import bleu, mechanisms
 from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .distributed import DistContext
 from .progress import bar as progress_bar
-from .results import RESULTS_NAME, append_line, run_key
+from .results import append_line, run_key
 from .text_data import BOS, EOS, PAD, ClassificationData, Tokens, TranslationData, load_text, load_tokenizer, text_task
-from .train import RunRecord, environment, lr_factor
+from .train import RunRecord, check_counts, check_non_negative, environment, lr_factor
 
 TEXT_SCHEDULES = ("linear", "cosine")
 METRIC = {"classify": "test_acc", "translate": "test_bleu"}
@@ -97,15 +97,10 @@ class TextConfig:
                                   f"{' or '.join(TEXT_SCHEDULES)} (each after a linear warm-up)")
         if self.optimizer != "adamw":
             raise GammaGuideError(f"text tasks train with AdamW; got optimizer {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "width", "layers", "heads", "variance_batch"):
-            if getattr(self, name) < 1:
-                raise GammaGuideError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_counts(self, ("epochs", "batch_size", "width", "layers", "heads", "variance_batch"))
         if self.width % self.heads:
             raise GammaGuideError(f"--width {self.width} must be a multiple of --heads {self.heads}")
-        for name in ("lr", "weight_decay", "warmup_epochs"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise GammaGuideError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        check_non_negative(self, ("lr", "weight_decay", "warmup_epochs"))
         for name in ("beta2", "label_smoothing", "dropout"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -513,27 +508,6 @@ def default_arms(model: str, data: ClassificationData | TranslationData | None =
 def prepare(cfg: TextConfig, data_dir: str | None = None, progress: bool = True) -> None:
     """Train the tokenizer and encode the data once, before any worker reads the cache."""
     load_data(cfg, data_dir)
-
-
-def run_one(cfg: TextConfig, out: Path, checkpoints: Path, data_dir: str | None, ctx: DistContext,
-            progress: bool, log: Callable[[str], None]) -> None:
-    """One run of the grid: a finished line in OUT/results.jsonl, or a failed one saying why."""
-    data = load_data(cfg, data_dir)
-    try:
-        trainer = TextTrainer(cfg, data, ctx, checkpoint=checkpoints / f"{cfg.key()}.pt", progress=progress,
-                              log=log)
-        record = trainer.run()
-    except GammaGuideError:
-        raise  # a bad setting fails every run alike: stop the grid and say so
-    except Exception as exc:  # this run broke; record why and go on with the grid
-        record = failed_record(cfg, f"{type(exc).__name__}: {exc}")
-        append_line(out / RESULTS_NAME, record.to_json())
-        log(f"  -> {cfg.policy} seed {cfg.seed}: failed ({record.reason})")
-        return
-    trainer.save_result(record, out / RESULTS_NAME)
-    value = record.test_acc if record.metric == "test_acc" else record.test_bleu
-    log(f"  -> {record.arm} seed {record.seed}: {record.status}"
-        + (f", {record.metric} {value:.4f}" if value is not None else f" ({record.reason or 'no score'})"))
 
 
 def failed_record(cfg: TextConfig, reason: str) -> TextRunRecord:

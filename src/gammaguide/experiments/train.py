@@ -66,19 +66,29 @@ class TrainConfig:
         resolve_policy(self.policy)  # raises with the list of policies
         if self.schedule not in SCHEDULES:
             raise GammaGuideError(f"unknown --schedule {self.schedule!r}; use {' or '.join(SCHEDULES)}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise GammaGuideError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise GammaGuideError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        check_counts(self, ("epochs", "batch_size"))
+        check_non_negative(self, ("lr", "weight_decay", "momentum", "warmup_epochs"))
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
 
     def key(self) -> str:
         return run_key(self.settings())
+
+
+def check_counts(cfg: Any, names: tuple[str, ...]) -> None:
+    """Settings that count something (epochs, batch size, layers): at least 1, named as options."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise GammaGuideError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+
+
+def check_non_negative(cfg: Any, names: tuple[str, ...]) -> None:
+    """Rates and lengths (learning rate, weight decay, warm-up): finite and >= 0, named as options."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise GammaGuideError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
 @dataclass
