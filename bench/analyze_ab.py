@@ -64,7 +64,7 @@ def main() -> int:
     base = load_baseline(args.baseline)
     print(f"this checkout: {Path(gammaguide.__file__).parent}; baseline: {args.baseline}; {args.pairs} pairs")
     for name in filter(None, args.models.split(",")):
-        model = getattr(torchvision.models, name)()
+        model = getattr(torchvision.models, name)().eval()  # as analyze_cost.py leaves it
         new, old = paired(model, torch.randn(1, 3, 224, 224), (gammaguide, base), args.pairs)
         ratios = sorted(n / o for n, o in zip(new, old, strict=True))
         q1, med, q3 = statistics.quantiles(ratios, n=4)

@@ -206,6 +206,24 @@ def test_a_cache_hit_makes_no_twins_and_reads_shapes_off_a_reshaped_twin():
     assert runner(aten.mm.default, (x, square), None).shape == (2, 3)
 
 
+def test_an_in_place_op_checks_its_arguments_once_per_signature():
+    """``add_`` given another tensor returns its target unchanged; its meta kernel only checks that
+    the other fits, so a signature that passed once is not run again, and one that fails always fails."""
+    MetaRunner._checked.clear()
+    runner, ran = MetaRunner(), []
+    run = runner._run
+    runner._run = lambda *a: ran.append(a[0]) or run(*a)
+    x, y = torch.empty(2, 3, device="meta"), torch.empty(3, device="meta")
+    assert runner(aten.add_.Tensor, (x, y), None) is x and len(ran) == 1
+    assert runner(aten.add_.Tensor, (x, y), None) is x and len(ran) == 1  # checked already: not run
+    assert runner(aten.add_.Tensor, (x, torch.empty(2, 1, device="meta")), None) is x and len(ran) == 2
+    small, big = torch.empty(3, device="meta"), torch.empty(2, 3, device="meta")
+    for _ in range(2):  # it would have to grow its target: fails, and is never recorded as passed
+        with pytest.raises(RuntimeError):
+            runner(aten.add_.Tensor, (small, big), None)
+    assert len(ran) == 4
+
+
 def test_views_alias_their_argument_and_bypass_the_cache():
     runner = MetaRunner()
     x = torch.empty(4, 6, device="meta")

@@ -230,3 +230,18 @@ def test_hooks_registered_by_forward_go_and_the_users_hooks_stay():
     seen.clear()
     model(X)
     assert seen == ["cpu"]
+
+
+def test_the_order_of_the_users_hooks_stays_when_forward_adds_one():
+    """Hooks registered with ``prepend=True`` run first: putting a hook dict back keeps that order."""
+    class HooksItself(Lazy):
+        def forward(self, x):
+            self.conv.register_forward_hook(lambda m, i, o: None)
+            return super().forward(x)
+
+    model = HooksItself()
+    model.conv.register_forward_hook(lambda m, i, o: None)
+    model.conv.register_forward_hook(lambda m, i, o: None, prepend=True)
+    order = list(model.conv._forward_hooks.items())
+    gg.analyze(model, X)
+    assert list(model.conv._forward_hooks.items()) == order

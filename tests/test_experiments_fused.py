@@ -98,7 +98,7 @@ def _compare_steps(fused_configs, solo_configs, data, steps: int) -> dict[str, f
             loss = F.cross_entropy(out, t.train_y[idx])
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            note("loss", abs(float(loss.detach()) - float(losses[m])) / abs(float(loss.detach())))
+            note("loss", abs(float(loss.detach()) - float(losses[m].detach())) / abs(float(loss.detach())))
             note("train logits", _rel(logits[:, m].detach(), out.detach()))
             own = dict(t.model.named_parameters())
             note("gradient", _rel_all([(FU.unfuse_tensor(p.grad, n, m, own[k]), own[k].grad)

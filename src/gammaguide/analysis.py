@@ -43,21 +43,20 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, observe_adds=No
                 on_meta: bool | None = None) -> Traced:
     """``on_meta``: None runs the forward pass on shapes alone and, if it needs values, again
     for real; True or False runs it only that way. Observing adds needs values: real."""
-    unwrap(model)  # a clear error for anything that is not a module, before anything walks it
+    inner = unwrap(model)  # a clear error for anything that is not a module, before anything walks it
     if observe_adds is not None:
         on_meta = False
-    with whole_parameters(model) as shapes:
-        traced = _trace_whole(model, example_inputs, observe_adds=observe_adds, on_meta=on_meta)
+    # One walk for every stage. ``trace`` puts every module back exactly as it was (module_state.py),
+    # modules or parameters the pass registered gone again, so the tree before it is the tree after it.
+    tree = ModuleTree(inner)
+    with whole_parameters(model, tree.modules if model is inner else None) as shapes:
+        traced = _trace_whole(model, inner, tree, example_inputs, observe_adds=observe_adds, on_meta=on_meta)
     traced.shapes = {**traced.graph.lazy_shapes, **shapes}
     return traced
 
 
-def _trace_whole(model: nn.Module, example_inputs: Any = None, *, observe_adds=None,
-                 on_meta: bool | None = None) -> Traced:
-    inner = unwrap(model)
-    # One walk for every stage. ``trace`` puts every module back exactly as it was (module_state.py),
-    # modules or parameters the pass registered gone again, so the tree before it is the tree after it.
-    tree = ModuleTree(inner)
+def _trace_whole(model: nn.Module, inner: nn.Module, tree: ModuleTree, example_inputs: Any = None, *,
+                 observe_adds=None, on_meta: bool | None = None) -> Traced:
     args, kwargs = prepare_inputs(inner, example_inputs, tree)
     with eval_without_side_effects(inner, tree), _TrainingProbe(tree) as probe:
         try:
@@ -175,9 +174,7 @@ def build_report(
     tree = traced.tree if traced.tree is not None and traced.tree.model is inner else ModuleTree(inner)
     outer = tree if model is inner else ModuleTree(model)
     inner_params = dict(tree.named_parameters_all)
-    module_outer = {}
-    for name, m in outer.named_modules:
-        module_outer.setdefault(id(m), name)
+    module_outer = {id(m): name for name, m in outer.named_modules}  # each module once, under its first name
 
     # A parameter registered under several names is traced under its first one.
     aliases: dict[int, list[str]] = {}
@@ -210,6 +207,7 @@ def build_report(
     entries: list[Entry] = []
     params: list[ParamInfo] = []
     warns = list(finding.warnings)
+    decided: dict[tuple[str, str | None], bool] = {}  # the policy's answer for each (kind, role)
     for name, p in outer.named_parameters:
         shape = traced.shapes.get(id(p))
         if shape is None:  # an uninitialized lazy parameter the pass did not reach has none yet
@@ -241,7 +239,10 @@ def build_report(
             # 1-D, or a per-channel vector kept as C x 1 x 1 (torchvision's ConvNeXt layer scale,
             # a class token): a scale like timm's 1-D layer scale, not a weight matrix.
             kind = "other"
-        decay = policy.decides(kind, role) and id(p) not in skip
+        decides = decided.get((kind, role))
+        if decides is None:
+            decides = decided[kind, role] = policy.decides(kind, role)
+        decay = decides and id(p) not in skip
         if kind in ("gamma", "beta") and len(aliases.get(id(p), ())) > 1:  # only shared ones can warn
             warns.extend(_shared_warning(name, kind, role, decay, aliases[id(p)], inner, finding))
         if kind == "gamma":

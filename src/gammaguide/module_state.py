@@ -13,19 +13,24 @@ place, so that the model holds exactly the objects it held before. A lazy module
 (``nn.LazyLinear``) that the pass materialized is made lazy again, its parameters
 uninitialized: its first real forward pass initializes them as if there had been no analysis.
 
-Only references are recorded, never tensor values: copying is a few list and dict copies per
-module. The values of tensors written in place (a counter, a cache filled with ``copy_``) are
-put back by the tracer (``trace._Recorder``), which ``ModuleState.tensors`` tells which
-tensors besides parameters and buffers are module state. The one exception: which parameter
-objects a module sharded by FSDP2 holds is FSDP's business (it swaps them around every forward
-pass), so those parameter dicts are left to it.
+Only references are recorded, never tensor values: copying is a few dict copies per module.
+This runs on every analysis, over hundreds of modules and thousands of attributes, so both
+steps work on whole lists at once in C (``map``, ``chain``): ``restore`` first asks whether any
+container holds other objects than its copy (by identity, all containers in one comparison)
+and looks at them one by one only if one does. The values of tensors written in place (a
+counter, a cache filled with ``copy_``) are put back by the tracer (``trace._Recorder``), which
+``ModuleState.tensors`` tells which tensors besides parameters and buffers are module state.
+The one exception: which parameter objects a module sharded by FSDP2 holds is FSDP's business
+(it swaps them around every forward pass), so those parameter dicts are left to it.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from operator import is_not
+from itertools import chain, filterfalse
+from operator import is_not, itemgetter
 from typing import Any, Iterable
 
 import torch
@@ -38,19 +43,23 @@ _CONTAINERS = (dict, list, tuple, set)
 # Values that hold nothing to restore in place: skipped at once (most of a module's attributes).
 _ATOMS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size})
 # What nn.Module.__init__ puts in every module's __dict__: its flag, its dicts of parameters,
-# buffers and submodules, and its hook dicts (almost always empty). The rest is the subclass's own.
+# buffers and submodules, its set of non-persistent buffer names, and its hook dicts (almost
+# always empty). The rest is the subclass's own.
 _INTERNALS = frozenset(vars(nn.Module()))
-_OWN_DICTS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-_HOOK_DICTS = tuple(sorted(k for k in _INTERNALS if "_hooks" in k))
+_INTERNAL_CONTAINERS = tuple(sorted(k for k in _INTERNALS if k != "training"))
+_INTERNAL_GETTER = itemgetter(*_INTERNAL_CONTAINERS)
 
 
 @dataclass
 class ModuleState:
     """What ``snapshot`` recorded; ``restore`` puts it back."""
 
-    classes: list[tuple[nn.Module, type]] = field(default_factory=list)
-    attrs: list[tuple[dict, dict]] = field(default_factory=list)  # (module.__dict__, its copy)
-    containers: list[tuple[Any, Any]] = field(default_factory=list)  # (dict, list or set, its copy)
+    modules: list[nn.Module] = field(default_factory=list)
+    classes: list[type] = field(default_factory=list)
+    dicts: list[dict] = field(default_factory=list)  # every non-empty plain dict recorded ...
+    copies: list[dict] = field(default_factory=list)  # ... and its copy
+    # Other non-empty containers (lists, sets, OrderedDicts such as hook dicts) and their copies.
+    others: list[tuple[Any, Any]] = field(default_factory=list)
     empty: list[Any] = field(default_factory=list)  # containers that were empty (most hook dicts)
     tensors: set[int] = field(default_factory=set)  # ids of tensors kept on modules besides their parameters
     # Parameters and buffers of lazy modules not yet materialized: (tensor, its class, its data).
@@ -59,9 +68,10 @@ class ModuleState:
     materialized: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def restore(self) -> None:
-        for module, cls in self.classes:
-            if type(module) is not cls:  # a lazy module turns itself into its concrete class
-                module.__class__ = cls
+        if any(map(is_not, map(type, self.modules), self.classes)):
+            for module, cls in zip(self.modules, self.classes, strict=True):
+                if type(module) is not cls:  # a lazy module turns itself into its concrete class
+                    module.__class__ = cls
         for t, cls, data in self.uninitialized:
             if type(t) is not cls:  # materialized by the pass: the model's first real call does it
                 self.materialized[id(t)] = tuple(t.shape)
@@ -71,23 +81,24 @@ class ModuleState:
             for container in self.empty:
                 if container:
                     container.clear()
-        for container, copy in self.containers:
+        for container, copy in self.others:
             if _changed(container, copy):
                 container.clear()
                 if isinstance(container, list):
                     container.extend(copy)
                 else:
                     container.update(copy)
-        for attrs, copy in self.attrs:
-            if _changed(attrs, copy):
-                # Straight into __dict__: Module.__setattr__ would file tensors and modules anew.
-                attrs.clear()
-                attrs.update(copy)
+        dicts, copies = self.dicts, self.copies
+        if _any_changed(dicts, copies):
+            for d, copy in zip(dicts, copies, strict=True):
+                if _changed(d, copy):
+                    # Straight into __dict__: Module.__setattr__ would file tensors and modules anew.
+                    d.clear()
+                    d.update(copy)
 
 
 def _changed(container: Any, copy: Any) -> bool:
-    """Does ``container`` hold other objects than ``copy``? By identity (an equal new tensor is
-    still another object), compared in C: this runs for every module's attributes."""
+    """Does a dict, list or set hold other objects than ``copy``? By identity, in C."""
     if len(container) != len(copy):
         return True
     if isinstance(container, dict):
@@ -97,45 +108,57 @@ def _changed(container: Any, copy: Any) -> bool:
     return container != copy  # a set: same length, compare members
 
 
+def _any_changed(dicts: list[dict], copies: list[dict]) -> bool:
+    """Does any plain dict hold other keys or values than its copy? Values by identity (an equal
+    new tensor is still another object), keys as the dict itself tells them apart; all in C."""
+    if list(map(len, dicts)) != list(map(len, copies)):
+        return True
+    try:
+        if list(chain.from_iterable(dicts)) != list(chain.from_iterable(copies)):
+            return True
+    except Exception:  # a key whose comparison raises (a tensor): look at each dict
+        return True
+    return any(map(is_not, chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(map(dict.values, copies))))
+
+
 def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
-    """Record the state of every module in ``modules`` (repeats are fine). This runs on every
-    analysis, so nn.Module's own attributes are taken by name and in C where possible."""
-    state = ModuleState()
-    seen: set[int] = set()
-    classes, attrs, containers, empty = state.classes, state.attrs, state.containers, state.empty
-    modules = list(modules)
-    sharded = _fsdp2_managed(modules)
-    for m in modules:
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        d = m.__dict__
-        classes.append((m, type(m)))
-        attrs.append((d, d.copy()))
-        for value in map(d.get, _OWN_DICTS if id(m) not in sharded else _OWN_DICTS[1:]):
-            if value:
-                containers.append((value, value.copy()))
-            elif value is not None:
-                empty.append(value)
-        hooks = list(map(d.get, _HOOK_DICTS))
-        if any(hooks):  # a registered hook: keep the contents of that module's hook dicts
-            for value in hooks:
-                _record(value, state, seen, 0)
+    """Record the state of every module in ``modules`` (repeats are fine)."""
+    mods = list({id(m): m for m in modules}.values())
+    state = ModuleState(mods, list(map(type, mods)))
+    attrs = list(map(vars, mods))
+    seen = set(map(id, attrs))
+    state.dicts += attrs
+    state.copies += map(dict.copy, attrs)
+    try:  # nn.Module's own containers, by name (a module not built by nn.Module.__init__ may lack one)
+        internal = list(chain.from_iterable(map(_INTERNAL_GETTER, attrs)))
+    except KeyError:
+        internal = [d[k] for d in attrs for k in _INTERNAL_CONTAINERS if k in d]
+    sharded = _fsdp2_managed(mods)
+    if sharded:  # FSDP's parameter dicts are not ours to put back
+        skip = {id(vars(m).get("_parameters")) for m in mods if id(m) in sharded}
+        internal = [c for c in internal if id(c) not in skip]
+    state.empty += filterfalse(None, internal)  # most hook dicts: only whether they stay empty matters
+    for c in filter(None, internal):
+        if type(c) is dict:  # parameters, buffers, submodules: their values are not followed
+            seen.add(id(c))
+            state.dicts.append(c)
+            state.copies.append(c.copy())
+        elif isinstance(c, dict):  # hooks (OrderedDicts): copied in their own order
+            seen.add(id(c))
+            state.others.append((c, OrderedDict(c)))
         else:
-            empty.extend(hooks)
+            _record(c, state, seen, 0)
+    for d in attrs:
         for name in d.keys() - _INTERNALS:  # the subclass's own attributes (set difference, in C)
             value = d[name]
-            if type(value) not in _ATOMS and not _atom_tuple(value):
+            t = type(value)
+            if t not in _ATOMS and not (t is tuple and all(type(v) in _ATOMS for v in value)):
                 _record(value, state, seen, 0)
+    for m in mods:
         if isinstance(m, LazyModuleMixin):
             state.uninitialized += [(t, type(t), t.data) for t in (*m._parameters.values(), *m._buffers.values())
                                     if isinstance(t, UninitializedTensorMixin)]
     return state
-
-
-def _atom_tuple(value: Any) -> bool:
-    """A tuple of atoms (a conv's ``kernel_size``, ``stride``, ``padding``): nothing in it can change."""
-    return type(value) is tuple and all(type(v) in _ATOMS for v in value)
 
 
 def _fsdp2_managed(modules: list[nn.Module]) -> set[int]:
@@ -158,14 +181,18 @@ def _record(obj: Any, state: ModuleState, seen: set[int], depth: int) -> None:
     if depth > _MAX_DEPTH or not isinstance(obj, _CONTAINERS) or id(obj) in seen:
         return
     seen.add(id(obj))
-    if isinstance(obj, dict):
-        state.containers.append((obj, obj.copy() if type(obj) is dict else dict(obj)))
+    if type(obj) is dict:
+        state.dicts.append(obj)
+        state.copies.append(obj.copy())
         values: Iterable[Any] = obj.values()
+    elif isinstance(obj, dict):
+        state.others.append((obj, OrderedDict(obj)))  # a subclass's own order (OrderedDict's)
+        values = obj.values()
     elif isinstance(obj, list):
-        state.containers.append((obj, list(obj)))
+        state.others.append((obj, list(obj)))
         values = obj
     elif isinstance(obj, set):
-        state.containers.append((obj, set(obj)))
+        state.others.append((obj, set(obj)))
         return  # its members are hashable: no containers to follow
     else:
         values = obj  # a tuple cannot change, but what it holds can

@@ -14,7 +14,9 @@ Many meta kernels are Python decompositions (batch norm about 0.5 ms a call, aga
 the shapes, strides and dtypes of their arguments, which is all a meta kernel can depend
 on, so each distinct layer shape is inferred once per process. Such a cache hit runs
 nothing, so it needs no twins either: on a second analysis, the weights of a plain CNN never
-get one.
+get one. An in-place op returns the tensor it writes into, its shape unchanged, so its meta
+kernel only checks that the other arguments fit (``add_``'s is a Python decomposition too): a
+signature that passed once is not checked again.
 
 A forward pass that needs values (``.item()``, ``if mask.any():``, ``.cpu()``, an op with no
 meta kernel) raises on meta tensors; the caller then runs it for real.
@@ -107,6 +109,7 @@ class MetaRunner:
     # id(op) -> (op, allocates fresh outputs, writes into its first argument keeping its shape);
     # holding the op keeps its id from being reused by another.
     _kinds: dict[int, tuple[Any, bool, bool]] = {}
+    _checked: set[tuple] = set()  # signatures of in-place ops (see ``__call__``) whose arguments passed
 
     def __init__(self) -> None:
         # id(real tensor) -> (real tensor, its twin); holding the real keeps its id unique.
@@ -177,12 +180,14 @@ class MetaRunner:
         if kind is None or kind[0] is not func:
             kind = self._kinds[id(func)] = (func, _allocates_fresh(func), _in_place_keeping_shape(func))
         _, fresh, in_place = kind
-        if not fresh:  # views and in-place ops must alias their arguments: no cache
-            if in_place and not kwargs and sum(isinstance(a, torch.Tensor) for a in args) == 1:
-                return self.twin(args[0])  # the meta tensor it writes into is its result, unchanged
+        if not fresh and not in_place:  # views and other aliasing ops: run on twins every time
             return self._run(func, args, kwargs)
+        if in_place and not kwargs and sum(isinstance(a, torch.Tensor) for a in args) == 1:
+            return self.twin(args[0])  # the meta tensor it writes into is its result, unchanged
         # The default dtype decides the result of, say, dividing integer tensors.
         key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())
+        if in_place:
+            return self._in_place(func, args, kwargs, key)
         try:
             spec = self._cache.get(key)
         except TypeError:  # an argument that does not hash: run it every time
@@ -198,3 +203,19 @@ class MetaRunner:
         if out_spec is _UNCACHEABLE:
             return self._run(func, args, kwargs)
         return _rebuild(out_spec, is_list)
+
+    def _in_place(self, func, args: tuple, kwargs: dict | None, key: tuple) -> Any:
+        """An in-place op given other tensors too (``add_``): its result is still the tensor it writes
+        into, shape unchanged, and its meta kernel only checks that the others fit (an ``add_`` that
+        would have to broadcast its target fails). Once a signature passed, it needs no check."""
+        try:
+            checked = key in self._checked
+        except TypeError:  # an argument that does not hash
+            return self._run(func, args, kwargs)
+        if checked:
+            return self.twin(args[0])
+        out = self._run(func, args, kwargs)
+        if len(self._checked) >= _CACHE_LIMIT:
+            self._checked.clear()
+        self._checked.add(key)
+        return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from torch import nn
 
@@ -31,9 +31,11 @@ from .errors import GammaGuideError
 
 
 @contextlib.contextmanager
-def whole_parameters(model: nn.Module) -> Iterator[dict[int, tuple[int, ...]]]:
+def whole_parameters(model: nn.Module, modules: Iterable[nn.Module] | None = None
+                     ) -> Iterator[dict[int, tuple[int, ...]]]:
     """Within the block, every parameter of ``model`` is whole; yields id -> full shape of
-    every parameter object as the optimizer will hold it."""
+    every parameter object as the optimizer will hold it. ``modules``: ``model.modules()``, when
+    the caller has walked them."""
     # Without torch.distributed.fsdp imported, nothing can be sharded by it: skip the import.
     # (Not a module at all is for ``unwrap`` to explain.)
     if "torch.distributed.fsdp" not in sys.modules or not isinstance(model, nn.Module):
@@ -42,7 +44,7 @@ def whole_parameters(model: nn.Module) -> Iterator[dict[int, tuple[int, ...]]]:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel as FSDP
 
     fsdp1, fsdp2 = [], []
-    for m in model.modules():
+    for m in model.modules() if modules is None else modules:
         if isinstance(m, FSDP):
             fsdp1.append(m)
         elif isinstance(m, FSDPModule):

@@ -270,17 +270,18 @@ class _Recorder(TorchDispatchMode):
         kind, name = self.known.get(id(t), _UNKNOWN)
         if kind is BUFFER or kind is CONST:
             # Nothing downstream tells one buffer or constant from another (they are neither
-            # activations nor parameters): one node per kind keeps the graph small.
+            # activations nor parameters): one node per kind keeps the graph small, and the
+            # tensor need not be bound to it (its next use comes back here, to the same node).
             n = self.shared.get(kind, -1)
             if n < 0:
                 n = self.shared[kind] = self._append_leaf(t, kind)
-        else:
-            n = self._append_leaf(t, kind)  # a parameter or an input: a node of its own
-            if name is not None:
-                self.g.leaf_names[n] = name
-                if kind is PARAM:
-                    self.g.param_nodes.setdefault(name, n)
-        self.bind(t, n)
+            return n
+        n = self._append_leaf(t, kind)  # a parameter or an input: a node of its own
+        if name is not None:
+            self.g.leaf_names[n] = name
+            if kind is PARAM:
+                self.g.param_nodes.setdefault(name, n)
+        self.live[id(t)] = (weakref.ref(t), n)
         return n
 
     def _append_leaf(self, t: torch.Tensor, kind: str) -> int:
@@ -308,7 +309,7 @@ class _Recorder(TorchDispatchMode):
                 e = live.get(id(a))
                 ins.append(e[1] if plain and e is not None and e[0]() is a else miss(a))
                 on_meta = on_meta or a.is_meta
-            elif isinstance(a, (list, tuple)):
+            elif isinstance(a, (list, tuple)) and a and type(a[0]) is not int:  # not sizes: maybe tensors
                 for b in a:
                     if isinstance(b, torch.Tensor):
                         ins.append(node_of(b))
