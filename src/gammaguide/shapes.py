@@ -3,11 +3,11 @@
 Roles come from the dataflow of the forward pass, never from its values, so ``analyze``
 runs every op on ``meta`` tensors: shape, dtype and strides, no storage and no arithmetic.
 The pass then costs the model's Python overhead and none of its arithmetic (ResNet-50 at
-batch 1 on two CPU cores: about 10 ms, against 34 ms for the forward pass itself), and no
-activation is ever allocated. The model is not touched: its inputs are given as meta twins, and each
-parameter, buffer or other real tensor gets a meta twin the first time an op that meets a meta
-tensor must really run on it. Ops on real tensors alone (a factory, a scalar read of a
-parameter) still run for real.
+batch 1 on two CPU cores: about a tenth of the forward pass itself, ``bench/analyze_cost.py``'s
+meta floor), and no activation is ever allocated. The model is not touched: its inputs are given
+as meta twins, and each parameter, buffer or other real tensor gets a meta twin the first time
+an op that meets a meta tensor must really run on it. Ops on real tensors alone (a factory, a
+scalar read of a parameter) still run for real.
 
 Many meta kernels are Python decompositions (batch norm about 0.5 ms a call, against
 0.04 ms for a convolution): the outputs of ops that allocate fresh tensors are remembered by
