@@ -441,3 +441,33 @@ def test_functional_norm_inside_a_bigger_module(roles):
     assert roles(report) == {"w": "residual_last"}
     assert report.entries[0].norm_type == "functional layer_norm"
     assert {p.name: p.kind for p in report.params}["b"] == "beta"
+
+
+class ScaledByConstants(nn.Module):
+    """A residual block with constants made in forward (``torch.ones``, ``torch.zeros``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = conv_bn(3, D), conv_bn(D, D), conv_bn(D, D)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.relu(self.stem(x))
+        out = h + self.b(self.relu(self.a(h))) * torch.ones(D, 1, 1, device=x.device)
+        return self.fc((self.relu(out) + torch.zeros(1, device=x.device)).mean((2, 3)))
+
+
+def test_constants_made_in_forward_are_the_constant_leaf_not_ops(roles):
+    """A tensor made from no tensor (a factory op) is a constant: no node of its own, read as the one
+    constant leaf, and the roles around it are those of the same block without it."""
+    from gammaguide.analysis import trace_model
+
+    model, x = ScaledByConstants(), torch.randn(2, 3, 8, 8)
+    graph = trace_model(model, x).graph
+    names = graph.op_names()
+    assert not {"ones", "zeros", "empty", "full"} & set(names)
+    mul = names.index("mul")
+    assert names[graph.ins[mul][1]] == "const"  # the branch times the ones: read as the constant leaf
+    assert roles(gg.analyze(model, x)) == {"stem.1.weight": "stream", "a.1.weight": "scale_invariant",
+                                           "b.1.weight": "residual_last"}

@@ -208,32 +208,34 @@ def build_report(
     params: list[ParamInfo] = []
     warns = list(finding.warnings)
     decided: dict[tuple[str, str | None], bool] = {}  # the policy's answer for each (kind, role)
+    shapes = traced.shapes
     for name, p in outer.named_parameters:
-        shape = traced.shapes.get(id(p))
+        pid = id(p)
+        shape = shapes.get(pid)
         if shape is None:  # an uninitialized lazy parameter the pass did not reach has none yet
             # (The mixin, not UninitializedParameter: Parameter's metaclass makes isinstance slow.)
             shape = () if isinstance(p, UninitializedTensorMixin) else tuple(p.shape)
         role = None
-        if id(p) in gamma_info:
-            inner_name, module_name, norm_type = gamma_info[id(p)]
+        if pid in gamma_info:
+            inner_name, module_name, norm_type = gamma_info[pid]
             outcomes: dict[str, str] = {}
             by_norm: dict[str, dict[str, str]] = {}  # the outcomes of each normalization's calls
             for u in sorted(uses.get(inner_name, ())):
                 for r, why in flow.walk(u).items():
                     outcomes.setdefault(r, why)
                     by_norm.setdefault(flow.name(u), {}).setdefault(r, why)
-            if len(norms_of.get(id(p), ())) > 1:
+            if len(norms_of.get(pid, ())) > 1:
                 warns.extend(_tied_warning(name, by_norm, strongest(outcomes)[0], policy))
             if inner_name in uses:
                 role, reason = strongest(outcomes)
             else:
                 role, reason = "unused", "not reached by the traced forward pass"
             kind = "gamma"
-        elif id(p) in beta_ids:
+        elif pid in beta_ids:
             kind = "beta"
         elif name.endswith("bias"):
             kind = "bias"
-        elif sum(d > 1 for d in shape) >= 2:
+        elif len(shape) >= 2 and sorted(shape)[-2] > 1:  # two dimensions above 1
             kind = "weight"
         else:
             # 1-D, or a per-channel vector kept as C x 1 x 1 (torchvision's ConvNeXt layer scale,
@@ -242,11 +244,11 @@ def build_report(
         decides = decided.get((kind, role))
         if decides is None:
             decides = decided[kind, role] = policy.decides(kind, role)
-        decay = decides and id(p) not in skip
-        if kind in ("gamma", "beta") and len(aliases.get(id(p), ())) > 1:  # only shared ones can warn
-            warns.extend(_shared_warning(name, kind, role, decay, aliases[id(p)], inner, finding))
+        decay = decides and pid not in skip
+        if kind in ("gamma", "beta") and len(aliases.get(pid, ())) > 1:  # only shared ones can warn
+            warns.extend(_shared_warning(name, kind, role, decay, aliases[pid], inner, finding))
         if kind == "gamma":
-            if id(p) in skip:
+            if pid in skip:
                 reason += " (in skip_list / no_weight_decay)"
             entries.append(Entry(name, module_name, norm_type, role, PAPER_CATEGORY[role], decay, reason))
         params.append(ParamInfo(name, kind, role, decay, shape, p.requires_grad))

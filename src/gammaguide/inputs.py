@@ -67,7 +67,9 @@ def prepare_inputs(model: nn.Module, example_inputs: Any, tree: ModuleTree | Non
     inputs, and a list is passed as one positional input (as detection models expect).
     ``tree``: the model's walked modules, when the caller has them.
     """
-    device, dtype = _model_device_dtype(tree.parameters if tree is not None else model.parameters())
+    # (``named_parameters``: the report walks that list anyway.)
+    params = [p for _, p in tree.named_parameters] if tree is not None else model.parameters()
+    device, dtype = _model_device_dtype(params)
     if example_inputs is None:
         size = default_input_size(model)
         if size is None:

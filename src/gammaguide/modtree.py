@@ -53,8 +53,8 @@ def _first_by_id(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
 
 class ModuleTree:
     """``model.named_modules(remove_duplicate=False)`` walked once, and what ``named_modules()``,
-    ``modules()``, ``named_parameters()`` (with and without duplicates) and ``parameters()`` of
-    the same model give, derived from it in the same order."""
+    ``modules()`` and ``named_parameters()`` (with and without duplicates) of the same model give,
+    derived from it in the same order."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -101,17 +101,3 @@ class ModuleTree:
             for attr, p in m._parameters.items()
             if p is not None
         ]
-
-    @cached_property
-    def parameters(self) -> list[nn.Parameter]:
-        """As ``model.parameters()``."""
-        if self._custom:
-            return list(self.model.parameters())
-        seen: set[int] = set()  # as named_parameters, without making the names
-        out = []
-        for m in self.modules:
-            for p in m._parameters.values():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out

@@ -38,6 +38,8 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedTensorMixin
 
+from .ops import IS_TENSOR
+
 _MAX_DEPTH = 8  # nested containers deeper than this are not followed
 _CONTAINERS = (dict, list, tuple, set)
 # Values that hold nothing to restore in place: skipped at once (most of a module's attributes).
@@ -175,7 +177,7 @@ def _fsdp2_managed(modules: list[nn.Module]) -> set[int]:
 def _record(obj: Any, state: ModuleState, seen: set[int], depth: int) -> None:
     """Record the contents of the containers in ``obj`` and note the tensors in it. Modules are
     recorded by ``snapshot`` on their own; other objects are not looked into."""
-    if isinstance(obj, torch.Tensor):
+    if IS_TENSOR[type(obj)]:
         state.tensors.add(id(obj))
         return
     if depth > _MAX_DEPTH or not isinstance(obj, _CONTAINERS) or id(obj) in seen:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import torch
+
 # Ops that normalize their input with its own statistics. A walk stops here.
 NORM_OPS = frozenset({
     "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
@@ -104,3 +106,17 @@ UNMARKED_WRITES = {
     for name in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm", "_batch_norm_impl_index",
                  "batch_norm", "instance_norm")
 }
+
+
+class _IsTensorType(dict):
+    """type -> is it a tensor type. ``isinstance(a, torch.Tensor)`` costs about 0.2 us when ``a`` is
+    not a tensor (an int, a list of sizes: most op arguments), a dict lookup by type a fifth of that,
+    and the per-op loops ask it for every argument."""
+
+    def __missing__(self, t: type) -> bool:
+        found = self[t] = issubclass(t, torch.Tensor)
+        return found
+
+
+IS_TENSOR = _IsTensorType()  # IS_TENSOR[type(a)]: is op argument ``a`` a tensor
+SEQUENCES = frozenset({list, tuple})  # how op arguments hold several values (sizes, tensor lists)

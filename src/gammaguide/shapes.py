@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .ops import MATMUL_OPS, NORM_OPS, base_name
+from .ops import IS_TENSOR, MATMUL_OPS, NORM_OPS, SEQUENCES, base_name
 
 _META = torch.device("meta")
 _UNCACHEABLE = object()
@@ -148,13 +148,13 @@ class MetaRunner:
         have the same shape, strides and dtype, so a cache hit needs no twins at all."""
         twins, out = self.twins, []
         for a in args:
-            if isinstance(a, torch.Tensor):
+            if IS_TENSOR[type(a)]:
                 if not a.is_meta:
                     e = twins.get(id(a))
                     if e is not None and e[0] is a:
                         a = e[1]
                 out.append((a.shape, a.stride(), a.dtype))
-            elif isinstance(a, (list, tuple)):
+            elif type(a) in SEQUENCES:
                 # Sizes, strides, paddings: a list of ints is its own key (a tensor list never starts with one).
                 out.append(tuple(a) if a and type(a[0]) is int else self._key(a))
             else:
@@ -165,8 +165,8 @@ class MetaRunner:
         """``func`` on meta twins of its tensor arguments."""
         twin = self.twin
         args = tuple(
-            twin(a) if isinstance(a, torch.Tensor)
-            else self._twin_list(a) if isinstance(a, (list, tuple))
+            twin(a) if IS_TENSOR[type(a)]
+            else self._twin_list(a) if type(a) in SEQUENCES
             else a
             for a in args
         )
@@ -182,7 +182,7 @@ class MetaRunner:
         _, fresh, in_place = kind
         if not fresh and not in_place:  # views and other aliasing ops: run on twins every time
             return self._run(func, args, kwargs)
-        if in_place and not kwargs and sum(isinstance(a, torch.Tensor) for a in args) == 1:
+        if in_place and not kwargs and sum(IS_TENSOR[type(a)] for a in args) == 1:
             return self.twin(args[0])  # the meta tensor it writes into is its result, unchanged
         # The default dtype decides the result of, say, dividing integer tensors.
         key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None, torch.get_default_dtype())

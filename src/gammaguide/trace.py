@@ -17,6 +17,7 @@ import contextlib
 import gc
 import weakref
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -25,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .module_state import snapshot
 from .ops import (
-    CONV_OPS, NORM_OPS, PIECE, RECORDED_OPS, SPLIT_OPS, STACK_REDUCTIONS, SUM_OPS, UNMARKED_WRITES, base_name,
+    CONV_OPS, IS_TENSOR, NORM_OPS, PIECE, RECORDED_OPS, SEQUENCES, SPLIT_OPS, STACK_REDUCTIONS, SUM_OPS,
+    UNMARKED_WRITES, base_name,
 )
 from .shapes import MetaRunner
 
@@ -113,11 +115,11 @@ class Arg(NamedTuple):
 
 
 def _arg(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
+    if IS_TENSOR[type(a)]:
         if a.is_floating_point() or a.is_meta or a.is_complex() or a.numel() > _INDEX_VALUES_LIMIT:
             return Arg(a.shape)
         return Arg(a.shape, tuple(a.reshape(-1).tolist()))
-    if isinstance(a, (list, tuple)) and a and (isinstance(a[0], torch.Tensor) or a[0] is None):
+    if type(a) in SEQUENCES and a and (IS_TENSOR[type(a[0])] or a[0] is None):
         return [_arg(b) for b in a]  # a tensor list (``cat``), or optional indices (``x[:, idx]``)
     return a
 
@@ -137,9 +139,9 @@ def _record(args: tuple, kwargs: dict | None, out: Any) -> tuple:
 def _record_light(args: tuple, kwargs: dict | None, out: Any) -> tuple:
     """For convolutions and fused norms, which run often: the shapes of their input and weight
     and their plain arguments (groups, normalized shape) are all channels.py reads."""
-    head = [Arg(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:2]]
-    spec = (*head, *[None if isinstance(a, torch.Tensor) else a for a in args[2:]])
-    return spec, (tuple(out.shape) if isinstance(out, torch.Tensor) else None), None
+    head = [Arg(a.shape) if IS_TENSOR[type(a)] else a for a in args[:2]]
+    spec = (*head, *[None if IS_TENSOR[type(a)] else a for a in args[2:]])
+    return spec, (tuple(out.shape) if IS_TENSOR[type(out)] else None), None
 
 
 def _iter_tensors(obj: Any, _depth: int = 0):
@@ -223,8 +225,15 @@ def _observed(func) -> bool:
     return name in SUM_OPS or name == "stack" or name in STACK_REDUCTIONS
 
 
-# id(op) -> (op, its writes, what to record, observed): the same for every trace in the process.
-_OP_INFO: dict[int, tuple[Any, _Writes, int, bool]] = {}
+@lru_cache(maxsize=None)
+def makes_constants(func) -> bool:
+    """A factory (``empty``, ``zeros``, ``arange``): no tensor among its arguments. Its results are
+    constants, never nodes of the graph (see ``_Recorder.__torch_dispatch__``)."""
+    return not any("Tensor" in str(a.type) for a in func._schema.arguments)
+
+
+# id(op) -> (op, its writes, what to record, observed, a factory): the same for every trace in the process.
+_OP_INFO: dict[int, tuple[Any, _Writes, int, bool, bool]] = {}
 
 
 class _Recorder(TorchDispatchMode):
@@ -299,28 +308,34 @@ class _Recorder(TorchDispatchMode):
     # -- dispatch ---------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # This runs for every op of the forward pass: the common paths are inlined.
+        info = _OP_INFO.get(id(func))  # ops are long-lived singletons; their ids hash fast
+        if info is None or info[0] is not func:  # (the op held in it keeps its id from being reused)
+            info = _OP_INFO[id(func)] = (func, _Writes.of(func) or _NO_WRITES, _recording(func), _observed(func),
+                                         makes_constants(func))
+        _, writes, recording, observed, factory = info
+        if factory:
+            # A tensor made from no tensor is a constant to every later stage: where it is read, it
+            # becomes the one constant leaf, as any tensor no op produced (BatchNorm makes two
+            # empty ones per call: a sixth of MobileNetV3's ops).
+            return func(*args, **kwargs) if kwargs else func(*args)
         live, node_of, plain = self.live, self.node_of, not self.view_writes
         # While no write went through a view, ``node_of`` is the live node, else a new leaf.
         miss = self._new_leaf if plain else node_of
         ins = []
         on_meta = False  # some argument is a meta tensor: the op runs on shapes alone
         for a in ((*args, *kwargs.values()) if kwargs else args):
-            if isinstance(a, torch.Tensor):
+            if IS_TENSOR[type(a)]:
                 e = live.get(id(a))
                 ins.append(e[1] if plain and e is not None and e[0]() is a else miss(a))
                 on_meta = on_meta or a.is_meta
-            elif isinstance(a, (list, tuple)) and a and type(a[0]) is not int:  # not sizes: maybe tensors
+            elif type(a) in SEQUENCES and a and type(a[0]) is not int:  # not sizes: maybe tensors
                 for b in a:
-                    if isinstance(b, torch.Tensor):
+                    if IS_TENSOR[type(b)]:
                         ins.append(node_of(b))
                         on_meta = on_meta or b.is_meta
         runner = self.runner if on_meta else None
         g = self.g
         n = len(g.ops)
-        info = _OP_INFO.get(id(func))  # ops are long-lived singletons; their ids hash fast
-        if info is None or info[0] is not func:  # (the op held in it keeps its id from being reused)
-            info = _OP_INFO[id(func)] = (func, _Writes.of(func) or _NO_WRITES, _recording(func), _observed(func))
-        _, writes, recording, observed = info
         if observed and self.observe_adds is not None:
             # Measured before the op runs: an in-place add overwrites its first argument.
             g.add_observations[n] = tuple(self.observe_adds(t) for t in _iter_tensors((args, kwargs or {})))

@@ -39,7 +39,7 @@ from .inputs import default_input_size, describe_inputs, prepare_inputs, unwrap
 from .norms import find_norms
 from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, SUM_OPS, VIEW_OPS
 from .roles import Dataflow
-from .trace import LEAF_KINDS, _iter_tensors, _no_fused_fast_paths, trace
+from .trace import LEAF_KINDS, _iter_tensors, _no_fused_fast_paths, makes_constants, trace
 
 RESULTS = ("pass", "fail", "not_applicable")
 
@@ -109,6 +109,8 @@ class _Capture(TorchDispatchMode):
         self.out: dict[int, torch.Tensor] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if makes_constants(func):  # no node of the traced graph: not counted, as the tracer does not
+            return func(*args, **(kwargs or {}))
         k = self.count
         self.count += 1
         if k in self.arguments:
