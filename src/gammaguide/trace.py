@@ -1,8 +1,9 @@
 """Record the dataflow of one forward pass.
 
 Like ``torch.utils.flop_counter``, the model runs once, unmodified, under a
-``TorchDispatchMode``: every aten op becomes a node whose inputs are the nodes
-that produced its tensor arguments. Two global module hooks note which module
+``TorchDispatchMode``: every aten op that reads a tensor becomes a node whose inputs
+are the nodes that produced its tensor arguments (a factory's result, like any tensor
+that no traced op produced, is a leaf: a constant). Two global module hooks note which module
 call each op ran in, so that later stages can collapse a normalization module
 into a single node and name the module behind every op. Nothing is attached
 to the model or to its tensors; the hooks are removed before ``trace`` returns,
