@@ -207,7 +207,6 @@ def build_report(
     entries: list[Entry] = []
     params: list[ParamInfo] = []
     warns = list(finding.warnings)
-    decided: dict[tuple[str, str | None], bool] = {}  # the policy's answer for each (kind, role)
     shapes = traced.shapes
     for name, p in outer.named_parameters:
         pid = id(p)
@@ -235,16 +234,13 @@ def build_report(
             kind = "beta"
         elif name.endswith("bias"):
             kind = "bias"
-        elif len(shape) >= 2 and sorted(shape)[-2] > 1:  # two dimensions above 1
+        elif sum(d > 1 for d in shape) >= 2:
             kind = "weight"
         else:
             # 1-D, or a per-channel vector kept as C x 1 x 1 (torchvision's ConvNeXt layer scale,
             # a class token): a scale like timm's 1-D layer scale, not a weight matrix.
             kind = "other"
-        decides = decided.get((kind, role))
-        if decides is None:
-            decides = decided[kind, role] = policy.decides(kind, role)
-        decay = decides and pid not in skip
+        decay = policy.decides(kind, role) and pid not in skip
         if kind in ("gamma", "beta") and len(aliases.get(pid, ())) > 1:  # only shared ones can warn
             warns.extend(_shared_warning(name, kind, role, decay, aliases[pid], inner, finding))
         if kind == "gamma":

@@ -140,16 +140,10 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
         skip = {id(vars(m).get("_parameters")) for m in mods if id(m) in sharded}
         internal = [c for c in internal if id(c) not in skip]
     state.empty += filterfalse(None, internal)  # most hook dicts: only whether they stay empty matters
-    for c in filter(None, internal):
-        if type(c) is dict:  # parameters, buffers, submodules: their values are not followed
+    for c in filter(None, internal):  # their values (parameters, buffers, submodules, hooks) are not followed
+        if isinstance(c, (dict, list, set)):
             seen.add(id(c))
-            state.dicts.append(c)
-            state.copies.append(c.copy())
-        elif isinstance(c, dict):  # hooks (OrderedDicts): copied in their own order
-            seen.add(id(c))
-            state.others.append((c, OrderedDict(c)))
-        else:
-            _record(c, state, seen, 0)
+            _keep(c, state)
     for d in attrs:
         for name in d.keys() - _INTERNALS:  # the subclass's own attributes (set difference, in C)
             value = d[name]
@@ -183,21 +177,29 @@ def _record(obj: Any, state: ModuleState, seen: set[int], depth: int) -> None:
     if depth > _MAX_DEPTH or not isinstance(obj, _CONTAINERS) or id(obj) in seen:
         return
     seen.add(id(obj))
-    if type(obj) is dict:
-        state.dicts.append(obj)
-        state.copies.append(obj.copy())
-        values: Iterable[Any] = obj.values()
-    elif isinstance(obj, dict):
-        state.others.append((obj, OrderedDict(obj)))  # a subclass's own order (OrderedDict's)
-        values = obj.values()
-    elif isinstance(obj, list):
-        state.others.append((obj, list(obj)))
-        values = obj
-    elif isinstance(obj, set):
-        state.others.append((obj, set(obj)))
+    if isinstance(obj, set):
+        _keep(obj, state)
         return  # its members are hashable: no containers to follow
+    if isinstance(obj, tuple):
+        values: Iterable[Any] = obj  # a tuple cannot change, but what it holds can
     else:
-        values = obj  # a tuple cannot change, but what it holds can
+        _keep(obj, state)
+        values = obj.values() if isinstance(obj, dict) else obj
     for v in values:
         if type(v) not in _ATOMS:
             _record(v, state, seen, depth + 1)
+
+
+def _keep(container: dict | list | set, state: ModuleState) -> None:
+    """Record a dict, list or set with a copy of what it holds: plain dicts for the bulk check of
+    ``restore``, the others (a dict subclass in its own order: hooks registered with
+    ``prepend=True`` run first) for a check of their own."""
+    if type(container) is dict:
+        state.dicts.append(container)
+        state.copies.append(container.copy())
+    elif isinstance(container, dict):
+        state.others.append((container, OrderedDict(container)))
+    elif isinstance(container, list):
+        state.others.append((container, list(container)))
+    else:
+        state.others.append((container, set(container)))

@@ -56,13 +56,6 @@ _TORCH_NORM_TYPES: tuple[type, ...] = tuple(
     ) if t is not None
 )
 
-# torch's own layers that multiply by a weight and never normalize (their forward is torch's): the
-# behavioural rule need not look at their calls.
-_PLAIN_LAYERS = frozenset({
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Embedding, nn.Bilinear,
-})
-
 # Hand-written normalizations whose statistics are computed in Python; the registry spares
 # them the behavioural check (some, like Gemma's ``(1 + weight)``, would still pass it).
 KNOWN_NORM_CLASSES = frozenset({
@@ -415,8 +408,6 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
         if key not in undecided or key in modules:
             continue
         m, name = undecided[key]
-        if not m._parameters or type(m) in _PLAIN_LAYERS:  # most module calls: no own parameter, or torch's own layers
-            continue
         own = _direct_params(m, name)
         if not own:
             continue

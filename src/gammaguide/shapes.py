@@ -171,7 +171,7 @@ class MetaRunner:
             for a in args
         )
         if kwargs:
-            kwargs = {k: twin(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            kwargs = {k: twin(v) if IS_TENSOR[type(v)] else v for k, v in kwargs.items()}
             return func(*args, **kwargs)
         return func(*args)
 

@@ -291,7 +291,7 @@ class _Recorder(TorchDispatchMode):
             self.g.leaf_names[n] = name
             if kind is PARAM:
                 self.g.param_nodes.setdefault(name, n)
-        self.live[id(t)] = (weakref.ref(t), n)
+        self.bind(t, n)
         return n
 
     def _append_leaf(self, t: torch.Tensor, kind: str) -> int:
