@@ -5,7 +5,9 @@
 For ResNet-50, ViT-B/16, MobileNetV3-Small and ShuffleNetV2-x1.0 (1x3x224x224) and a BERT-base
 config (batch 1, sequence 128) it prints median(analyze) / median(forward) over 5 interleaved
 repeats in this process.
-The forward pass is timed as analyze runs it: eval mode, no autograd. Three ways of analyzing:
+The forward pass is timed as analyze runs it: eval mode, no autograd (the model is put in eval mode
+once, before timing: switching the flags of MobileNetV3-Small's 209 modules takes about 0.7 ms, no part of a
+forward pass). Three ways of analyzing:
 - ratio: ``analyze`` as a user calls it, on meta tensors (shapes.py) with the shape cache
   warm from an earlier analysis in the process, as in any second analysis;
 - cold: the same with the shape cache emptied before each call (a first analysis);
@@ -58,7 +60,6 @@ TARGETS = {"mobilenet_v3_small": 1.5, "shufflenet_v2_x1_0": 1.5}  # the others: 
 
 
 def _forward(model, x):
-    model.eval()
     with torch.no_grad():
         return model(**x) if isinstance(x, dict) else model(x)
 
@@ -109,7 +110,7 @@ def ratio_rows(repeats: int, only: set[str] | None = None):
     for name, factory, x in _models():
         if only and name.split(" ")[0] not in only:
             continue
-        model = factory()
+        model = factory().eval()
         timed = (_forward, _analyze, _analyze_cold, _analyze_real, _forward_in_empty_mode, _forward_on_meta)
         for fn in timed:  # warm-up: lazy imports, allocator, op caches
             fn(model, x)
