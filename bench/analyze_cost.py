@@ -18,6 +18,11 @@ and two floors: *empty mode*, the forward pass under a TorchDispatchMode that on
 (``shapes.MetaRunner``, cache warm; the floor of ``analyze`` as users call it). What ``analyze``
 costs above the meta floor is its own: recording each op and module call, putting the modules'
 state back, and deciding the roles.
+The last column, *py probe*, is the median time of a fixed pure-Python loop (building and
+summing a dict of 20,000 tuples) timed in the same interleaved repeats: it does not depend on
+gammaguide at all, and tells how fast the machine ran Python code during that row. On a shared
+machine it moves by half from one minute to the next, and ``analyze`` (Python over many small
+objects) moves with it more than the forward pass (mostly native kernels) does.
 Then it analyzes a LLaMA-7B-architecture model built on the meta device and prints the time
 and the rise in peak resident memory (peak RSS after the call minus peak RSS before it).
 Targets: ratio <= 1.2 for ResNet-50, ViT-B/16 and BERT-base (issue 2), <= 1.5 for the two small
@@ -106,12 +111,18 @@ def _forward_on_meta(model, x):
         _forward(model, mode.runner.to_meta(x))
 
 
+def _python_probe(model, x):
+    d = {i: (i, str(i)) for i in range(20000)}
+    sum(len(v[1]) for v in d.values())
+
+
 def ratio_rows(repeats: int, only: set[str] | None = None):
     for name, factory, x in _models():
         if only and name.split(" ")[0] not in only:
             continue
         model = factory().eval()
-        timed = (_forward, _analyze, _analyze_cold, _analyze_real, _forward_in_empty_mode, _forward_on_meta)
+        timed = (_forward, _analyze, _analyze_cold, _analyze_real, _forward_in_empty_mode, _forward_on_meta,
+                 _python_probe)
         for fn in timed:  # warm-up: lazy imports, allocator, op caches
             fn(model, x)
         times = {fn: [] for fn in timed}
@@ -120,8 +131,8 @@ def ratio_rows(repeats: int, only: set[str] | None = None):
                 t = time.perf_counter()
                 fn(model, x)
                 times[fn].append(time.perf_counter() - t)
-        f, a, cold, real, empty, meta = (statistics.median(times[fn]) for fn in timed)
-        yield name, f, a, a / f, cold / f, real / f, empty / f, meta / f
+        f, a, cold, real, empty, meta, probe = (statistics.median(times[fn]) for fn in timed)
+        yield name, f, a, a / f, cold / f, real / f, empty / f, meta / f, probe
 
 
 def meta_llama_7b():
@@ -156,15 +167,17 @@ def main() -> int:
     if not args.no_llama:
         n_params, n_norms, seconds, rise = meta_llama_7b()
     print(f"\n{'model':<22}{'forward ms':>12}{'analyze ms':>12}{'ratio':>8}{'cold':>8}{'real pass':>11}"
-          f"{'empty mode':>12}{'meta floor':>12}  target")
-    for name, f, a, r, cold, real, empty, meta in ratio_rows(args.repeats, only):
+          f"{'empty mode':>12}{'meta floor':>12}  target{'':<13}py probe ms")
+    for name, f, a, r, cold, real, empty, meta, probe in ratio_rows(args.repeats, only):
         target = TARGETS.get(name, 1.2)
+        verdict = f"<= {target}: {'ok' if r <= target else 'MISSED'}"
         print(f"{name:<22}{f * 1e3:>12.1f}{a * 1e3:>12.1f}{r:>8.2f}{cold:>8.2f}{real:>11.2f}{empty:>12.2f}"
-              f"{meta:>12.2f}  <= {target}: {'ok' if r <= target else 'MISSED'}")
+              f"{meta:>12.2f}  {verdict:<19}{probe * 1e3:>11.1f}")
     print("ratio: analyze / forward, shape cache warm; cold: shape cache emptied first; real pass: the forward "
           "pass run for real, as for a model that needs values; empty mode: the forward pass under a dispatch "
           "mode that records nothing (the floor of the real pass); meta floor: the forward pass on meta twins "
-          "under a mode that only runs each op on shapes (the floor of analyze)")
+          "under a mode that only runs each op on shapes (the floor of analyze); py probe: a fixed pure-Python loop, "
+          "how fast the machine ran Python during the row")
     if not args.no_llama:
         print(f"\nLLaMA-7B architecture on meta ({n_params / 1e9:.2f}B params): {n_norms} RMSNorm scales found, "
               f"analyze {seconds:.2f} s (target < 2 s), peak RSS rise {rise:.1f} MB (target < 100 MB)")

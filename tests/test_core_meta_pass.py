@@ -224,6 +224,37 @@ def test_an_in_place_op_checks_its_arguments_once_per_signature():
     assert len(ran) == 4
 
 
+class MakesTensorsOnItsInputsDevice(nn.Module):
+    """Makes tensors from no tensor on the input's device (as BatchNorm does in C++) and checks,
+    in its own forward pass, everything a meta tensor has: shape, strides, dtype, device."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        t = torch.empty(2, 3, dtype=torch.float64, device=x.device).t()
+        assert t.shape == (3, 2) and t.stride() == (1, 3) and t.dtype == torch.float64 and t.device == x.device
+        z = torch.zeros(1, 4, 1, 1, device=x.device)
+        assert z.shape == (1, 4, 1, 1) and z.dtype == torch.float32 and z.device == x.device
+        return self.bn(self.conv(x)) + z
+
+
+def test_a_factory_on_meta_comes_from_the_shape_cache_with_the_shape_the_op_gives():
+    """On the meta pass a tensor made from no tensor on the meta device is made by the shape cache:
+    run once, then rebuilt from its shape, strides and dtype (the model's own asserts would
+    send a wrong one to the real pass)."""
+    model, x = MakesTensorsOnItsInputsDevice(), torch.randn(1, 3, 4, 4)
+    MetaRunner._cache.clear()
+    first = gg.analyze(model, x, warn=False)
+    factories = {k[0] for k in MetaRunner._cache if k[0] in (aten.empty.memory_format, aten.zeros.default)}
+    assert factories == {aten.empty.memory_format, aten.zeros.default}
+    second = gg.analyze(model, x, warn=False)  # every factory a cache hit now
+    assert first.traced_on == second.traced_on == "meta"
+    assert first.to_dict() == second.to_dict()
+    assert model(x).device.type == "cpu"  # the model still runs for real
+
+
 def test_views_alias_their_argument_and_bypass_the_cache():
     runner = MetaRunner()
     x = torch.empty(4, 6, device="meta")

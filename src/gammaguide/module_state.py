@@ -148,7 +148,7 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
         for name in d.keys() - _INTERNALS:  # the subclass's own attributes (set difference, in C)
             value = d[name]
             t = type(value)
-            if t not in _ATOMS and not (t is tuple and all(type(v) in _ATOMS for v in value)):
+            if t not in _ATOMS and not (t is tuple and _ATOMS.issuperset(map(type, value))):
                 _record(value, state, seen, 0)
     for m in mods:
         if isinstance(m, LazyModuleMixin):
