@@ -20,7 +20,8 @@ costs above the meta floor is its own: recording each op and module call, puttin
 state back, and deciding the roles.
 The last column, *py probe*, is the median time of a fixed pure-Python loop (building and
 summing a dict of 20,000 tuples) timed in the same interleaved repeats: it does not depend on
-gammaguide at all, and tells how fast the machine ran Python code during that row. On a shared
+gammaguide at all, and tells how fast the machine ran Python code during that row
+(``--probe-only 20`` runs it alone for 20 s and prints the median of each half second). On a shared
 machine it moves by half from one minute to the next, and ``analyze`` (Python over many small
 objects) moves with it more than the forward pass (mostly native kernels) does.
 Then it analyzes a LLaMA-7B-architecture model built on the meta device and prints the time
@@ -116,6 +117,20 @@ def _python_probe(model, x):
     sum(len(v[1]) for v in d.values())
 
 
+def probe_medians(seconds: float) -> list[float]:
+    """The probe alone, median ms of each half second: how steady the machine runs Python."""
+    out = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        times, stop = [], time.perf_counter() + 0.5
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            _python_probe(None, None)
+            times.append(time.perf_counter() - t)
+        out.append(statistics.median(times) * 1e3)
+    return out
+
+
 def ratio_rows(repeats: int, only: set[str] | None = None):
     for name, factory, x in _models():
         if only and name.split(" ")[0] not in only:
@@ -158,7 +173,12 @@ def main() -> int:
     parser.add_argument("--models", default="", help="comma-separated names (resnet50,vit_b_16,bert-base,"
                                                         "mobilenet_v3_small,shufflenet_v2_x1_0); default: all")
     parser.add_argument("--no-llama", action="store_true", help="skip the 7B meta analysis")
+    parser.add_argument("--probe-only", type=float, metavar="SECONDS",
+                        help="only time the pure-Python probe for SECONDS, printing the median of each half second")
     args = parser.parse_args()
+    if args.probe_only:
+        print(" ".join(f"{ms:.1f}" for ms in probe_medians(args.probe_only)), "ms")
+        return 0
     only = set(filter(None, args.models.split(",")))
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -151,6 +151,9 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
 
     Returns (γ names, β names), or None when the rule does not hold.
     """
+    names, ins = graph.op_names(), graph.ins
+    if STAT_OPS.isdisjoint(names[start:end]):  # it needs a statistic: most calls (a conv's) take none
+        return None
     own_names = set(own.values())
     n = end - start
     from_input = [False] * n  # derived from an activation that entered the call
@@ -161,7 +164,6 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
     gammas: list[str] = []
     betas: list[str] = []
     saw_stat = False
-    names, ins = graph.op_names(), graph.ins
     for i in range(start, end):
         name = names[i]
         if name in LEAF_KINDS:
