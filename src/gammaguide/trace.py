@@ -318,7 +318,7 @@ class _Recorder(TorchDispatchMode):
             # A tensor made from no tensor is a constant to every later stage: where it is read, it
             # becomes the one constant leaf, as any tensor no op produced (BatchNorm makes an
             # empty one per call in eval mode: a sixth of MobileNetV3's ops). On meta, the shape
-            # cache makes it (a third of the cost of calling the op).
+            # cache makes it (a fifth of the cost of calling the op).
             if kwargs and self.runner is not None and kwargs.get("device") == META:
                 return self.runner(func, args, kwargs)
             return func(*args, **kwargs) if kwargs else func(*args)
