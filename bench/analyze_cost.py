@@ -8,16 +8,15 @@ repeats in this process.
 The forward pass is timed as analyze runs it: eval mode, no autograd (the model is put in eval mode
 once, before timing: switching the flags of MobileNetV3-Small's 209 modules takes about 0.7 ms, no part of a
 forward pass). Three ways of analyzing:
-- ratio: ``analyze`` as a user calls it, on meta tensors (shapes.py) with the shape cache
-  warm from an earlier analysis in the process, as in any second analysis;
-- cold: the same with the shape cache emptied before each call (a first analysis);
+- ratio: ``analyze`` as a user calls it, on meta tensors (shapes.py) with the shape cache and the
+  replayed calls (replay.py) warm from an earlier analysis in the process, as in any second analysis;
+- cold: the same with both emptied before each call (a first analysis);
 - real pass: the forward pass forced to run for real, as for a model that needs values;
-and two floors: *empty mode*, the forward pass under a TorchDispatchMode that only calls each op
-(what intercepting every op costs before anything is recorded: the floor of the real pass), and
+and two references: *empty mode*, the forward pass under a TorchDispatchMode that only calls each
+op (what intercepting every op costs before anything is recorded: the floor of the real pass), and
 *meta floor*, the forward pass on meta twins under a mode that only runs each op on shapes
-(``shapes.MetaRunner``, cache warm; the floor of ``analyze`` as users call it). What ``analyze``
-costs above the meta floor is its own: recording each op and module call, putting the modules'
-state back, and deciding the roles.
+(``shapes.MetaRunner``, cache warm): what intercepting every aten op on meta costs, the floor of
+``analyze`` before replay.py, whose replayed calls skip the aten ops altogether.
 The last column, *py probe*, is the median time of a fixed pure-Python loop (building and
 summing a dict of 20,000 tuples) timed in the same interleaved repeats: it does not depend on
 gammaguide at all, and tells how fast the machine ran Python code during that row
@@ -42,6 +41,7 @@ import torch
 import gammaguide as gg
 from gammaguide.analysis import build_report, trace_model
 from gammaguide.policy import resolve_policy
+from gammaguide.replay import Replayer
 from gammaguide.shapes import MetaRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -76,6 +76,7 @@ def _analyze(model, x):
 
 def _analyze_cold(model, x):
     MetaRunner._cache.clear()
+    Replayer._cache.clear()
     gg.analyze(model, x, warn=False)
 
 
@@ -193,11 +194,11 @@ def main() -> int:
         verdict = f"<= {target}: {'ok' if r <= target else 'MISSED'}"
         print(f"{name:<22}{f * 1e3:>12.1f}{a * 1e3:>12.1f}{r:>8.2f}{cold:>8.2f}{real:>11.2f}{empty:>12.2f}"
               f"{meta:>12.2f}  {verdict:<19}{probe * 1e3:>11.1f}")
-    print("ratio: analyze / forward, shape cache warm; cold: shape cache emptied first; real pass: the forward "
-          "pass run for real, as for a model that needs values; empty mode: the forward pass under a dispatch "
-          "mode that records nothing (the floor of the real pass); meta floor: the forward pass on meta twins "
-          "under a mode that only runs each op on shapes (the floor of analyze); py probe: a fixed pure-Python loop, "
-          "how fast the machine ran Python during the row")
+    print("ratio: analyze / forward, shape cache and replayed calls warm; cold: both emptied first; real pass: "
+          "the forward pass run for real, as for a model that needs values; empty mode: the forward pass under a "
+          "dispatch mode that records nothing (the floor of the real pass); meta floor: the forward pass on meta "
+          "twins under a mode that only runs each aten op on shapes (what analyze's replayed calls skip); py probe: "
+          "a fixed pure-Python loop, how fast the machine ran Python during the row")
     if not args.no_llama:
         print(f"\nLLaMA-7B architecture on meta ({n_params / 1e9:.2f}B params): {n_norms} RMSNorm scales found, "
               f"analyze {seconds:.2f} s (target < 2 s), peak RSS rise {rise:.1f} MB (target < 100 MB)")

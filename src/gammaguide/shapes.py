@@ -67,27 +67,27 @@ def _in_place_keeping_shape(func) -> bool:
     )
 
 
-def _tensor_spec(t: torch.Tensor) -> tuple:
+def tensor_spec(t: torch.Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype)
 
 
-def _empty(spec: tuple) -> torch.Tensor:
-    """A new meta tensor of ``_tensor_spec``'s shape, strides and dtype."""
+def empty_from_spec(spec: tuple) -> torch.Tensor:
+    """A new meta tensor of ``tensor_spec``'s shape, strides and dtype."""
     return torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=META)
 
 
 def _out_spec(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
-        return _tensor_spec(out)
+        return tensor_spec(out)
     if isinstance(out, (list, tuple)) and all(isinstance(o, torch.Tensor) or o is None for o in out):
-        return tuple(None if o is None else _tensor_spec(o) for o in out)
+        return tuple(None if o is None else tensor_spec(o) for o in out)
     return _UNCACHEABLE
 
 
 def _rebuild(spec: Any, func_returns_list: bool) -> Any:
     if spec and isinstance(spec[0], torch.Size):  # one tensor
-        return _empty(spec)
-    outs = [None if s is None else _empty(s) for s in spec]
+        return empty_from_spec(spec)
+    outs = [None if s is None else empty_from_spec(s) for s in spec]
     return outs if func_returns_list else tuple(outs)
 
 
@@ -103,13 +103,29 @@ def _check_dtypes(func, args: tuple) -> None:
         raise TypeError(f"{base_name(func)} with mixed dtypes {sorted(map(str, dtypes))}")
 
 
+# id(op) -> (op, allocates fresh outputs, writes into its first argument keeping its shape); holding
+# the op keeps its id from being reused by another.
+_KINDS: dict[int, tuple[Any, bool, bool]] = {}
+
+
+def _kind(func) -> tuple[Any, bool, bool]:
+    kind = _KINDS.get(id(func))
+    if kind is None or kind[0] is not func:
+        kind = _KINDS[id(func)] = (func, _allocates_fresh(func), _in_place_keeping_shape(func))
+    return kind
+
+
+def allocates_or_keeps_shape(func) -> bool:
+    """Does ``func`` make new tensors or write into its first argument keeping its shape (no view,
+    no other aliasing): is its meta result rebuilt from its shape alone?"""
+    _, fresh, in_place = _kind(func)
+    return fresh or in_place
+
+
 class MetaRunner:
     """Runs one op on meta twins of its tensor arguments; one per traced forward pass."""
 
     _cache: dict[tuple, Any] = {}  # shared by every runner: layer shapes recur across analyses
-    # id(op) -> (op, allocates fresh outputs, writes into its first argument keeping its shape);
-    # holding the op keeps its id from being reused by another.
-    _kinds: dict[int, tuple[Any, bool, bool]] = {}
     _checked: set[tuple] = set()  # signatures of in-place ops (see ``__call__``) whose arguments passed
 
     def __init__(self) -> None:
@@ -121,7 +137,7 @@ class MetaRunner:
             return t
         e = self.twins.get(id(t))
         if e is None or e[0] is not t:
-            e = self.twins[id(t)] = (t, _empty(_tensor_spec(t)))
+            e = self.twins[id(t)] = (t, empty_from_spec(tensor_spec(t)))
         return e[1]
 
     def to_meta(self, obj: Any) -> Any:
@@ -177,10 +193,7 @@ class MetaRunner:
         return func(*args)
 
     def __call__(self, func, args: tuple, kwargs: dict | None) -> Any:
-        kind = self._kinds.get(id(func))
-        if kind is None or kind[0] is not func:
-            kind = self._kinds[id(func)] = (func, _allocates_fresh(func), _in_place_keeping_shape(func))
-        _, fresh, in_place = kind
+        _, fresh, in_place = _kind(func)
         if not fresh and not in_place:  # views and other aliasing ops: run on twins every time
             return self._run(func, args, kwargs)
         if in_place and not kwargs and sum(IS_TENSOR[type(a)] for a in args) == 1:

@@ -9,7 +9,8 @@ into a single node and name the module behind every op. Nothing is attached
 to the model or to its tensors; the hooks are removed before ``trace`` returns,
 and the modules are left holding exactly what they held (``module_state.py``).
 With ``on_meta`` the ops run on meta twins of their tensors (``shapes.py``): the
-same graph, without the arithmetic.
+same graph, without the arithmetic; and a call whose aten ops an earlier call with the same
+signature showed is replayed into the graph without running (``replay.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .ops import (
     CONV_OPS, IS_TENSOR, NORM_OPS, PIECE, RECORDED_OPS, SEQUENCES, SPLIT_OPS, STACK_REDUCTIONS, SUM_OPS,
     UNMARKED_WRITES, base_name,
 )
+from .replay import replaying
 from .shapes import META, MetaRunner
 
 # Leaf kinds: tensors that no traced op produced.
@@ -102,6 +104,7 @@ def _op_names(graph: Graph) -> list[str]:
 
 
 _UNKNOWN = (CONST, None)  # a tensor that is neither a parameter, a buffer nor an input
+_UNWRITTEN = (-1, None)  # a storage no write went through a view into
 _NO_INPUTS: tuple[int, ...] = ()  # shared by every leaf node: nothing appends to it
 _INDEX_VALUES_LIMIT = 4096  # an index tensor's values are kept up to this many elements
 
@@ -257,9 +260,13 @@ class _Recorder(TorchDispatchMode):
         self.live: dict[int, tuple[weakref.ref, int]] = {}
         self.cur_call = -1
         self.observe_adds = observe_adds
-        self.view_writes: dict[int, int] = {}  # storage -> last node that wrote into it through a view
+        # storage -> (last node that wrote into it through a view, the storage). Holding the storage
+        # keeps its address from going to a new tensor's storage while the trace runs, which would
+        # then seem written too.
+        self.view_writes: dict[int, tuple[int, Any]] = {}
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param/buffer, value before)
         self.shared: dict[str, int] = {}  # the one leaf node of all buffers, of all constants
+        self.notes = None  # while replay.py remembers a call: told every op appended
 
     # -- tensor -> node ---------------------------------------------------------------------------
     def node_of(self, t: torch.Tensor) -> int:
@@ -269,8 +276,8 @@ class _Recorder(TorchDispatchMode):
         else:
             n = self._new_leaf(t)
         if self.view_writes:
-            w = self.view_writes.get(t.untyped_storage()._cdata)
-            if w is not None and w > n:
+            w = self.view_writes.get(t.untyped_storage()._cdata, _UNWRITTEN)[0]
+            if w > n:
                 # Another view of this storage was written after ``t`` was produced:
                 # reading ``t`` now also reads that write.
                 return w
@@ -379,7 +386,10 @@ class _Recorder(TorchDispatchMode):
             if t is not out:  # an in-place op returns what it wrote into: bound above
                 self.bind(t, n)
             if t._is_view():
-                self.view_writes[t.untyped_storage()._cdata] = n
+                storage = t.untyped_storage()
+                self.view_writes[storage._cdata] = (n, storage)
+        if self.notes is not None:
+            self.notes.op(func, n, args, kwargs, out, written)
         return out
 
     def _pieces(self, n: int, out: list | tuple) -> None:
@@ -517,8 +527,9 @@ def trace(
     rec = _Recorder(graph, known, observe_adds, runner, state.tensors)
     pre = _module_hooks.register_module_forward_pre_hook(rec.enter)
     post = _module_hooks.register_module_forward_hook(rec.leave, always_call=True)
+    replayer = replaying(rec, runner) if observe_adds is None else None
     try:
-        with rec, _no_fused_fast_paths():
+        with rec, _no_fused_fast_paths(), replayer or contextlib.nullcontext():
             out = model(*args, **kwargs)
             graph.output_tensors = list(_iter_tensors(out))
             graph.outputs = [rec.node_of(t) for t in graph.output_tensors]
