@@ -262,7 +262,8 @@ class _Recorder(TorchDispatchMode):
         self.observe_adds = observe_adds
         # storage -> (last node that wrote into it through a view, the storage). Holding the storage
         # keeps its address from going to a new tensor's storage while the trace runs, which would
-        # then seem written too.
+        # then seem written too (free on meta; on the real pass such storages, masks and caches
+        # written a slice at a time, live until the trace ends).
         self.view_writes: dict[int, tuple[int, Any]] = {}
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param/buffer, value before)
         self.shared: dict[str, int] = {}  # the one leaf node of all buffers, of all constants
