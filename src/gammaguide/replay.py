@@ -171,18 +171,14 @@ class Replayer(TorchFunctionMode):
     def _signature(self, func, args: tuple, kwargs: dict | None, tensors: list[torch.Tensor]) -> tuple | None:
         """All a call on meta can depend on (see the module's doc), and its tensor arguments put in
         ``tensors``; None: not a call to replay."""
-        twins, key, meta = self.runner.twins, [func], False
+        spec_of, key, meta = self.runner.spec_of, [func], False
         for a in (*args, *kwargs.values()) if kwargs else args:
             t = type(a)
             if t in _PLAIN:
                 tensors.append(a)
-                if a.is_meta:
-                    meta = True
-                    key.append((a.shape, a.stride(), a.dtype, True))
-                else:  # read off its twin where it has one, as the shape cache does (shapes.py)
-                    e = twins.get(id(a))
-                    b = e[1] if e is not None and e[0] is a else a
-                    key.append((b.shape, b.stride(), b.dtype, False))
+                on_meta = a.is_meta
+                meta = meta or on_meta
+                key.append((spec_of(a), on_meta))  # as the shape cache sees it, and where it lives
             elif t in SEQUENCES:
                 if a and type(a[0]) is not int:
                     return None  # maybe a list of tensors

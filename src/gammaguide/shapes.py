@@ -158,19 +158,22 @@ class MetaRunner:
             return [self.twin(b) if isinstance(b, torch.Tensor) else b for b in a]
         return a
 
+    def spec_of(self, a: torch.Tensor) -> tuple:
+        """All a meta kernel can see of tensor ``a``: shape, strides, dtype. Read off its twin where it
+        has one (an in-place op may have reshaped the twin) and off the tensor itself where not: a
+        real tensor and its twin-to-be have the same ones, so a cache hit needs no twins at all."""
+        if not a.is_meta:
+            e = self.twins.get(id(a))
+            if e is not None and e[0] is a:
+                a = e[1]
+        return (a.shape, a.stride(), a.dtype)
+
     def _key(self, args: tuple | list) -> tuple:
-        """A hashable stand-in for each argument (for a tensor all a meta kernel can see of it: shape,
-        strides, dtype), read off its twin where it has one (an in-place op may have
-        reshaped the twin) and off the tensor itself where not: a real tensor and its twin-to-be
-        have the same shape, strides and dtype, so a cache hit needs no twins at all."""
-        twins, out = self.twins, []
+        """A hashable stand-in for each argument: ``spec_of`` a tensor, the value of anything else."""
+        spec_of, out = self.spec_of, []
         for a in args:
             if IS_TENSOR[type(a)]:
-                if not a.is_meta:
-                    e = twins.get(id(a))
-                    if e is not None and e[0] is a:
-                        a = e[1]
-                out.append((a.shape, a.stride(), a.dtype))
+                out.append(spec_of(a))
             elif type(a) in SEQUENCES:
                 # Sizes, strides, paddings: a list of ints is its own key (a tensor list never starts with one).
                 out.append(tuple(a) if a and type(a[0]) is int else self._key(a))
