@@ -293,3 +293,20 @@ class Tokens(nn.Module):
 def test_a_concatenation_along_tokens_keeps_a_layernorm_per_token():
     got = verified(Tokens(), torch.randn(2, 5, D))
     assert got["norm.weight"] == ("scale_invariant", "pass")
+
+
+def test_mask_moves_are_memoized_by_value_and_take_lists():
+    # The moves are memoized (masks.py); indices and permutations given as lists must still work,
+    # and a repeated move must give the same mask without being computed again.
+    from gammaguide import masks
+
+    m = masks.part((-2, -1), (4, 3), 0b100_010_001_111)
+    kept = masks.take(m, 3, 1, [0, 2])
+    hits = masks._take.cache_info().hits
+    assert masks.take(m, 3, 1, (0, 2)) == kept == masks.take(masks.Part(m.dims, m.sizes, m.bits), 3, 1, [0, 2])
+    assert masks._take.cache_info().hits == hits + 2
+    assert kept == masks.part((-2, -1), (2, 3), 0b010_111)
+    swapped = masks.permute(m, 3, [0, 2, 1])
+    assert masks.permute(m, 3, (0, 2, 1)) == swapped
+    assert masks.reshape(swapped, [5, 3, 4], [5, 12]) == masks.reshape(swapped, (5, 3, 4), (5, 12))
+    assert masks.take(None, 3, 1, [0]) is None and masks.permute(masks.ALL, 3, [0, 2, 1]) is masks.ALL

@@ -6,6 +6,12 @@ bit set over the row-major index of those dimensions; the set is the same along 
 dimension. A **reach** is a pair of masks: the elements that are a γ's output scaled (``s``) and
 the elements where it was mixed with other features (``m``). Masks are kept canonical (``part``):
 the smallest run of dimensions, ``None`` for no element, ``ALL`` for every one.
+
+Masks are values (a ``Part`` is frozen and hashable), so ``part`` and the moves (``reshape``,
+``permute``, ``take``) are memoized: the walks from the norms of repeated blocks move the same
+masks through the same shapes (ShuffleNetV2's channel shuffles: a quarter of its walks' time),
+and a second analysis of a model moves them all again. The caches are bounded (``_MEMO``
+entries each); a mask's bits are at most one per element of the dimensions it varies along.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 ALL = True
+_MEMO = 1024  # entries kept by each memoized function
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +60,8 @@ def _repeat(times: int) -> dict[int, str]:
     return {ord("0"): "0" * times, ord("1"): "1" * times}
 
 
-def part(dims, sizes, bits: int):
+@lru_cache(maxsize=_MEMO)
+def part(dims: tuple[int, ...], sizes: tuple[int, ...], bits: int):
     """The canonical mask of ``bits`` over ``dims``: ``None``, ``ALL`` or the smallest ``Part``."""
     n = math.prod(sizes)
     full = ones(n)
@@ -177,11 +185,14 @@ def _groups(a: tuple[int, ...], b: tuple[int, ...]):
 
 
 def reshape(mask, src: tuple[int, ...], dst: tuple[int, ...]):
-    if not isinstance(mask, Part):
-        return mask
+    return _reshape(mask, tuple(src), tuple(dst)) if isinstance(mask, Part) else mask
+
+
+@lru_cache(maxsize=_MEMO)
+def _reshape(mask: Part, src: tuple[int, ...], dst: tuple[int, ...]):
     if math.prod(src) != math.prod(dst) or 0 in src:
         return ALL
-    groups = _groups(tuple(src), tuple(dst))
+    groups = _groups(src, dst)
     if groups is None:
         return ALL
     rs, rd = len(src), len(dst)
@@ -197,8 +208,11 @@ def reshape(mask, src: tuple[int, ...], dst: tuple[int, ...]):
 
 def permute(mask, rank: int, perm: list[int]):
     """Output dimension ``k`` is input dimension ``perm[k]``."""
-    if not isinstance(mask, Part):
-        return mask
+    return _permute(mask, rank, tuple(perm)) if isinstance(mask, Part) else mask
+
+
+@lru_cache(maxsize=_MEMO)
+def _permute(mask: Part, rank: int, perm: tuple[int, ...]):
     perm = [p % rank for p in perm]
     pos = [perm.index(rank + d) for d in mask.dims]
     lo = min(pos)
@@ -238,9 +252,14 @@ def _gatherer(sizes: tuple[int, ...], order: tuple[int, ...]):
 def take(mask, rank: int, dim: int, keep, drop: bool = False):
     """The elements at indices ``keep`` of dimension ``dim`` (``drop``: and that dimension removed,
     as ``select`` does)."""
-    d = dim % rank - rank
     if not isinstance(mask, Part):
         return mask
+    return _take(mask, rank, dim, keep if type(keep) is range else tuple(keep), drop)
+
+
+@lru_cache(maxsize=_MEMO)
+def _take(mask: Part, rank: int, dim: int, keep: range | tuple[int, ...], drop: bool):
+    d = dim % rank - rank
     if d not in mask.dims:
         if drop and d > mask.dims[-1]:
             return Part(tuple(x + 1 for x in mask.dims), mask.sizes, mask.bits)
