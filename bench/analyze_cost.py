@@ -23,6 +23,9 @@ gammaguide at all, and tells how fast the machine ran Python code during that ro
 (``--probe-only 20`` runs it alone for 20 s and prints the median of each half second). On a shared
 machine it moves by half from one minute to the next, and ``analyze`` (Python over many small
 objects) moves with it more than the forward pass (mostly native kernels) does.
+``--by-speed N`` instead times N interleaved triples (forward, analyze, probe) of each model picked
+(default: the two mobile ones), sorts them by the probe's time and prints the ratio in each quarter:
+what the ratio is when the machine runs Python fast and when it runs it slowly.
 Then it analyzes a LLaMA-7B-architecture model built on the meta device and prints the time
 and the rise in peak resident memory (peak RSS after the call minus peak RSS before it).
 Targets: ratio <= 1.2 for ResNet-50, ViT-B/16 and BERT-base (issue 2), <= 1.5 for the two small
@@ -151,6 +154,31 @@ def ratio_rows(repeats: int, only: set[str] | None = None):
         yield name, f, a, a / f, cold / f, real / f, empty / f, meta / f, probe
 
 
+def by_speed(name: str, factory, x, triples: int) -> list[tuple[float, float, float, float, float]]:
+    """(probe, forward, analyze medians in s, ratio of those medians, median of the triples' own
+    ratios) for each quarter of ``triples`` interleaved triples, sorted by the probe's time."""
+    model = factory().eval()
+    timed = (_forward, _analyze, _python_probe)
+    for fn in timed:
+        fn(model, x)
+    rows = []
+    for _ in range(triples):
+        row = []
+        for fn in timed:
+            t = time.perf_counter()
+            fn(model, x)
+            row.append(time.perf_counter() - t)
+        rows.append(row)
+    rows.sort(key=lambda r: r[2])
+    k = max(1, len(rows) // 4)
+    out = []
+    for q in range(0, len(rows) - len(rows) % k if len(rows) >= 4 else len(rows), k):
+        quarter = rows[q:q + k]
+        f, a, p = (statistics.median(r[i] for r in quarter) for i in range(3))
+        out.append((p, f, a, a / f, statistics.median(r[1] / r[0] for r in quarter)))
+    return out
+
+
 def meta_llama_7b():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -174,6 +202,9 @@ def main() -> int:
     parser.add_argument("--models", default="", help="comma-separated names (resnet50,vit_b_16,bert-base,"
                                                         "mobilenet_v3_small,shufflenet_v2_x1_0); default: all")
     parser.add_argument("--no-llama", action="store_true", help="skip the 7B meta analysis")
+    parser.add_argument("--by-speed", type=int, metavar="N", default=0,
+                        help="time N interleaved (forward, analyze, probe) triples per model and print the ratio "
+                             "in each quarter of them by the probe's time (default models: the two mobile ones)")
     parser.add_argument("--probe-only", type=float, metavar="SECONDS",
                         help="only time the pure-Python probe for SECONDS, printing the median of each half second")
     args = parser.parse_args()
@@ -182,6 +213,24 @@ def main() -> int:
         return 0
     only = set(filter(None, args.models.split(",")))
     warnings.simplefilter("ignore")
+    if args.by_speed:
+        if args.by_speed < 4:
+            parser.error(f"--by-speed {args.by_speed}: give at least 4 triples (one per quarter), e.g. --by-speed 200")
+        only = only or set(TARGETS)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.by_speed} interleaved triples "
+              f"per model, in quarters by the py probe's time (fastest machine first)")
+        print(f"{'model':<22}{'quarter':>8}{'py probe ms':>13}{'forward ms':>12}{'analyze ms':>12}{'ratio':>8}"
+              f"{'per triple':>12}  target")
+        for name, factory, x in _models():
+            if name.split(" ")[0] not in only:
+                continue
+            target = TARGETS.get(name, 1.2)
+            for q, (p, f, a, r, per) in enumerate(by_speed(name, factory, x, args.by_speed), 1):
+                print(f"{name:<22}{q:>8}{p * 1e3:>13.1f}{f * 1e3:>12.1f}{a * 1e3:>12.1f}{r:>8.2f}{per:>12.2f}  "
+                      f"<= {target}: {'ok' if r <= target else 'MISSED'}")
+        print("ratio: median analyze / median forward within the quarter; per triple: the median of each triple's "
+              "own analyze / forward")
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     # The meta analysis goes first so that its peak-RSS rise is not hidden under the peak the
     # real models leave behind.
