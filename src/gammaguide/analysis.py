@@ -206,6 +206,7 @@ def build_report(
 
     entries: list[Entry] = []
     params: list[ParamInfo] = []
+    decided: dict[tuple[str, str | None], bool] = {}
     warns = list(finding.warnings)
     shapes = traced.shapes
     for name, p in outer.named_parameters:
@@ -240,7 +241,10 @@ def build_report(
             # 1-D, or a per-channel vector kept as C x 1 x 1 (torchvision's ConvNeXt layer scale,
             # a class token): a scale like timm's 1-D layer scale, not a weight matrix.
             kind = "other"
-        decay = policy.decides(kind, role) and pid not in skip
+        decision = decided.get((kind, role))
+        if decision is None:  # one call per kind and role, not per parameter
+            decision = decided[(kind, role)] = policy.decides(kind, role)
+        decay = decision and pid not in skip
         if kind in ("gamma", "beta") and len(aliases.get(pid, ())) > 1:  # only shared ones can warn
             warns.extend(_shared_warning(name, kind, role, decay, aliases[pid], inner, finding))
         if kind == "gamma":

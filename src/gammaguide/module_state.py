@@ -13,11 +13,11 @@ place, so that the model holds exactly the objects it held before. A lazy module
 (``nn.LazyLinear``) that the pass materialized is made lazy again, its parameters
 uninitialized: its first real forward pass initializes them as if there had been no analysis.
 
-Only references are recorded, never tensor values: copying is a few dict copies per module.
-This runs on every analysis, over hundreds of modules and thousands of attributes, so both
-steps work on whole lists at once in C (``map``, ``chain``): ``restore`` first asks whether any
-container holds other objects than its copy (by identity, all containers in one comparison)
-and looks at them one by one only if one does. The values of tensors written in place (a
+Only references are recorded, never tensor values. This runs on every analysis, over hundreds
+of modules and thousands of attributes, so both steps work on whole lists at once in C (``map``,
+``chain``): ``snapshot`` flattens the keys and values of all the plain dicts into two lists, and
+``restore`` first asks whether the dicts still hold exactly those (values by identity, all dicts
+in one comparison) and looks at them one by one only if not. The values of tensors written in place (a
 counter, a cache filled with ``copy_``) are put back by the tracer (``trace._Recorder``), which
 ``ModuleState.tensors`` tells which tensors besides parameters and buffers are module state.
 The one exception: which parameter objects a module sharded by FSDP2 holds is FSDP's business
@@ -59,7 +59,11 @@ class ModuleState:
     modules: list[nn.Module] = field(default_factory=list)
     classes: list[type] = field(default_factory=list)
     dicts: list[dict] = field(default_factory=list)  # every non-empty plain dict recorded ...
-    copies: list[dict] = field(default_factory=list)  # ... and its copy
+    # ... and what they held, as flat lists (so that ``restore`` compares them in one go): each
+    # dict's length, then all their keys and all their values in order.
+    sizes: list[int] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
     # Other non-empty containers (lists, sets, OrderedDicts such as hook dicts) and their copies.
     others: list[tuple[Any, Any]] = field(default_factory=list)
     empty: list[Any] = field(default_factory=list)  # containers that were empty (most hook dicts)
@@ -90,13 +94,15 @@ class ModuleState:
                     container.extend(copy)
                 else:
                     container.update(copy)
-        dicts, copies = self.dicts, self.copies
-        if _any_changed(dicts, copies):
-            for d, copy in zip(dicts, copies, strict=True):
-                if _changed(d, copy):
+        if _any_changed(self.dicts, self.sizes, self.keys, self.values):
+            start = 0
+            for d, size in zip(self.dicts, self.sizes, strict=True):
+                keys, values = self.keys[start:start + size], self.values[start:start + size]
+                start += size
+                if _any_changed([d], [size], keys, values):
                     # Straight into __dict__: Module.__setattr__ would file tensors and modules anew.
                     d.clear()
-                    d.update(copy)
+                    d.update(zip(keys, values, strict=True))
 
 
 def _changed(container: Any, copy: Any) -> bool:
@@ -110,17 +116,18 @@ def _changed(container: Any, copy: Any) -> bool:
     return container != copy  # a set: same length, compare members
 
 
-def _any_changed(dicts: list[dict], copies: list[dict]) -> bool:
-    """Does any plain dict hold other keys or values than its copy? Values by identity (an equal
-    new tensor is still another object), keys as the dict itself tells them apart; all in C."""
-    if list(map(len, dicts)) != list(map(len, copies)):
+def _any_changed(dicts: list[dict], sizes: list[int], keys: list[Any], values: list[Any]) -> bool:
+    """Do the plain dicts hold other keys or values, or in another order, than they held (``sizes``,
+    ``keys``, ``values``: as ``snapshot`` flattened them)? Values by identity (an equal new tensor is
+    still another object), keys by equality; all in C."""
+    if list(map(len, dicts)) != sizes:
         return True
     try:
-        if list(chain.from_iterable(dicts)) != list(chain.from_iterable(copies)):
+        if list(chain.from_iterable(dicts)) != keys:
             return True
     except Exception:  # a key whose comparison raises (a tensor): look at each dict
         return True
-    return any(map(is_not, chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(map(dict.values, copies))))
+    return any(map(is_not, chain.from_iterable(map(dict.values, dicts)), values))
 
 
 def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
@@ -130,7 +137,6 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
     attrs = list(map(vars, mods))
     seen = set(map(id, attrs))
     state.dicts += attrs
-    state.copies += map(dict.copy, attrs)
     try:  # nn.Module's own containers, by name (a module not built by nn.Module.__init__ may lack one)
         internal = list(chain.from_iterable(map(_INTERNAL_GETTER, attrs)))
     except KeyError:
@@ -140,16 +146,27 @@ def snapshot(modules: Iterable[nn.Module]) -> ModuleState:
         skip = {id(vars(m).get("_parameters")) for m in mods if id(m) in sharded}
         internal = [c for c in internal if id(c) not in skip]
     state.empty += filterfalse(None, internal)  # most hook dicts: only whether they stay empty matters
-    for c in filter(None, internal):  # their values (parameters, buffers, submodules, hooks) are not followed
-        if isinstance(c, (dict, list, set)):
-            seen.add(id(c))
-            _keep(c, state)
+    # Their values (parameters, buffers, submodules, hooks) are not followed. Most are plain dicts
+    # (``_parameters``, ``_modules``): recorded in bulk; the rest (hook OrderedDicts) one by one.
+    filled = list(filter(None, internal))
+    plain = [c for c in filled if type(c) is dict]
+    state.dicts += plain
+    seen.update(map(id, plain))
+    if len(plain) < len(filled):
+        for c in filled:
+            if type(c) is not dict and isinstance(c, (dict, list, set)):
+                seen.add(id(c))
+                _keep(c, state)
     for d in attrs:
         for name in d.keys() - _INTERNALS:  # the subclass's own attributes (set difference, in C)
             value = d[name]
             t = type(value)
             if t not in _ATOMS and not (t is tuple and _ATOMS.issuperset(map(type, value))):
                 _record(value, state, seen, 0)
+    dicts = state.dicts
+    state.sizes = list(map(len, dicts))
+    state.keys = list(chain.from_iterable(dicts))
+    state.values = list(chain.from_iterable(map(dict.values, dicts)))
     for m in mods:
         if isinstance(m, LazyModuleMixin):
             state.uninitialized += [(t, type(t), t.data) for t in (*m._parameters.values(), *m._buffers.values())
@@ -195,8 +212,7 @@ def _keep(container: dict | list | set, state: ModuleState) -> None:
     ``restore``, the others (a dict subclass in its own order: hooks registered with
     ``prepend=True`` run first) for a check of their own."""
     if type(container) is dict:
-        state.dicts.append(container)
-        state.copies.append(container.copy())
+        state.dicts.append(container)  # its contents are flattened at the end of ``snapshot``
     elif isinstance(container, dict):
         state.others.append((container, OrderedDict(container)))
     elif isinstance(container, list):
