@@ -91,6 +91,9 @@ def context(graph: Graph, i: int) -> str:
     return "<model>"
 
 
+_NO_EDGES = frozenset(LEAF_KINDS) | SHAPE_ONLY_OPS  # leaves, and ops that read only a shape
+
+
 def collapse(graph: Graph, finding: NormFinding) -> Flow:
     n = len(graph)
     names = graph.op_names()
@@ -111,13 +114,14 @@ def collapse(graph: Graph, finding: NormFinding) -> Flow:
         norm_name[i] = context(graph, i)
 
     act = activations(graph)
+    ins = graph.ins
     preds: list[set[int]] = [set() for _ in range(n)]
     succ: list[dict[tuple[int, int], None]] = [{} for _ in range(n)]
-    for i in range(n):
-        if names[i] in LEAF_KINDS or names[i] in SHAPE_ONLY_OPS:
+    for i, name in enumerate(names):
+        if name in _NO_EDGES:
             continue
         j = rep[i]
-        for pos, k in enumerate(graph.ins[i]):
+        for pos, k in enumerate(ins[i]):
             s = rep[k]
             if s == j:
                 continue
@@ -126,12 +130,18 @@ def collapse(graph: Graph, finding: NormFinding) -> Flow:
             succ[s][(j, pos if j == i else -1)] = None
     # A conv/linear/matmul is weighted when an operand is computed from parameters alone
     # (the weight itself, a view or cast of it, or a standardized weight as in StdConv2d).
+    # (Plain loops rather than any() over generators: this runs over every node of every analysis.)
     from_param = [False] * n
-    for i in range(n):
-        if names[i] == PARAM:
+    weighted = [False] * n
+    for i, name in enumerate(names):
+        if name == PARAM:
             from_param[i] = True
-        elif names[i] not in LEAF_KINDS and not act[i]:
-            from_param[i] = any(from_param[k] for k in graph.ins[i])
-    weighted = [names[i] in MATMUL_OPS and any(from_param[k] for k in graph.ins[i]) for i in range(n)]
+        elif name in MATMUL_OPS or (name not in LEAF_KINDS and not act[i]):
+            for k in ins[i]:
+                if from_param[k]:
+                    if not act[i]:
+                        from_param[i] = True
+                    weighted[i] = name in MATMUL_OPS
+                    break
     outputs = {rep[o] for o in graph.outputs}
     return Flow(graph, names, rep, norm_name, norm_call, act, preds, succ, weighted, outputs, root_params(graph))

@@ -405,8 +405,8 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
         elif cls not in NOT_NORM_CLASSES:
             undecided[key] = (m, call.name)
     # Normalizations the forward pass never ran still own a γ (its role is "unused").
-    for name, m in tree.named_modules:
-        if id(m) not in modules and _is_known_norm(m):
+    for name, m in tree.named_modules:  # (a module in ``undecided`` was looked at above)
+        if id(m) not in modules and id(m) not in undecided and _is_known_norm(m):
             modules[id(m)] = _known_norm(m, name)
 
     # Behavioural rule, on each call of each remaining module that owns parameters; then, for a

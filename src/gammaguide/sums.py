@@ -143,6 +143,9 @@ class Sums:
         return self._operand.get((node, pos))
 
 
+_MAYBE_MEMBER = SUM_OPS | FUSED_MATMUL_SUMS | STACK_REDUCTIONS  # the ops ``_is_member`` can accept
+
+
 def _is_member(flow: Flow, i: int) -> bool:
     """Can op ``i`` be part of a sum? (Ops inside a normalization are not.)"""
     if flow.rep[i] != i or i in flow.norm_name or not flow.graph.is_float[i]:
@@ -181,8 +184,8 @@ def _stacked(flow: Flow, i: int) -> int | None:
 
 def _chains(flow: Flow):
     """(last op, ops, operands) of every chain of additions."""
-    n = len(flow)
-    members = [i for i in range(n) if _is_member(flow, i)]
+    # By name first: most ops cannot be a member, and this runs over every node of every analysis.
+    members = [i for i, name in enumerate(flow.names) if name in _MAYBE_MEMBER and _is_member(flow, i)]
     is_member = set(members)
     parent: dict[int, int] = {}
     for i in members:
