@@ -424,37 +424,29 @@ class _Recorder(TorchDispatchMode):
                 t.copy_(value)
         self.saved.clear()
 
-    # -- module calls (``_module_calls``) ---------------------------------------------------------
-    def enter(self, module: torch.nn.Module) -> None:
-        g = self.g
-        g.calls.append(Call(module, None, self.cur_call, len(g.ops)))
-        self.cur_call = len(g.calls) - 1
-
-    def leave(self) -> None:
-        c = self.cur_call
-        if c >= 0:
-            call = self.g.calls[c]
-            call.end = len(self.g.ops)
-            self.cur_call = call.parent
-
 
 @contextlib.contextmanager
 def _module_calls(rec: _Recorder):
-    """Tell ``rec`` where each module call begins and ends, also when it raises. Global module hooks
+    """Note in ``rec``'s graph where each module call begins and ends (also when it raises), and
+    which call ``rec`` is in (``cur_call``, for every node it appends). Global module hooks
     would do it too, but they send every module call down ``nn.Module._call_impl``'s slow path
     (a tenth of MobileNetV3-Small's analysis). Instead ``_call_impl``, which ``Module.__call__``
     looks up on every call, is wrapped for the duration of the pass, as torch.fx wraps
     ``__call__``: a plain class attribute, so setting it costs nothing (setting ``__call__``
     updates the slot of every subclass). The module's own hooks run inside the call."""
     call_impl = nn.Module._call_impl
-    enter, leave = rec.enter, rec.leave
+    ops, calls = rec.g.ops, rec.g.calls
 
     def recorded(module, *args, **kwargs):
-        enter(module)
+        parent = rec.cur_call
+        call = Call(module, None, parent, len(ops))
+        calls.append(call)
+        rec.cur_call = len(calls) - 1
         try:
             return call_impl(module, *args, **kwargs)
         finally:
-            leave()
+            call.end = len(ops)
+            rec.cur_call = parent
 
     nn.Module._call_impl = recorded
     try:
