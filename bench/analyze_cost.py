@@ -170,10 +170,10 @@ def by_speed(name: str, factory, x, triples: int) -> list[tuple[float, float, fl
             row.append(time.perf_counter() - t)
         rows.append(row)
     rows.sort(key=lambda r: r[2])
-    k = max(1, len(rows) // 4)
+    bounds = [len(rows) * q // 4 for q in range(5)]  # four parts, as equal as ``triples`` allows
     out = []
-    for q in range(0, len(rows) - len(rows) % k if len(rows) >= 4 else len(rows), k):
-        quarter = rows[q:q + k]
+    for q in range(4):
+        quarter = rows[bounds[q]:bounds[q + 1]]
         f, a, p = (statistics.median(r[i] for r in quarter) for i in range(3))
         out.append((p, f, a, a / f, statistics.median(r[1] / r[0] for r in quarter)))
     return out

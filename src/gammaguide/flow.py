@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .norms import NormFinding, activations, root_params
-from .ops import MATMUL_OPS, SHAPE_ONLY_OPS
+from .norms import NO_DATAFLOW, NormFinding, activations, root_params
+from .ops import MATMUL_OPS
 from .trace import LEAF_KINDS, PARAM, Graph
 
 
@@ -91,9 +91,6 @@ def context(graph: Graph, i: int) -> str:
     return "<model>"
 
 
-_NO_EDGES = frozenset(LEAF_KINDS) | SHAPE_ONLY_OPS  # leaves, and ops that read only a shape
-
-
 def collapse(graph: Graph, finding: NormFinding) -> Flow:
     n = len(graph)
     names = graph.op_names()
@@ -118,7 +115,7 @@ def collapse(graph: Graph, finding: NormFinding) -> Flow:
     preds: list[set[int]] = [set() for _ in range(n)]
     succ: list[dict[tuple[int, int], None]] = [{} for _ in range(n)]
     for i, name in enumerate(names):
-        if name in _NO_EDGES:
+        if name in NO_DATAFLOW:
             continue
         j = rep[i]
         for pos, k in enumerate(ins[i]):

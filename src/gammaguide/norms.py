@@ -135,7 +135,7 @@ def activations(graph: Graph) -> list[bool]:
     return graph.derived("activations", _activations)
 
 
-_NOT_FROM_INPUTS = frozenset(LEAF_KINDS) | SHAPE_ONLY_OPS
+NO_DATAFLOW = frozenset(LEAF_KINDS) | SHAPE_ONLY_OPS  # leaves, and ops that read only a shape
 
 
 def _activations(graph: Graph) -> list[bool]:
@@ -144,7 +144,7 @@ def _activations(graph: Graph) -> list[bool]:
     for i, name in enumerate(graph.op_names()):
         if name == INPUT:
             act[i] = True
-        elif name not in _NOT_FROM_INPUTS:
+        elif name not in NO_DATAFLOW:
             for k in ins[i]:  # a loop, not any() over a generator: a fifth of the time, on every analysis
                 if act[k]:
                     act[i] = True

@@ -176,11 +176,9 @@ class Replayer(TorchFunctionMode):
             t = type(a)
             if t in _PLAIN:
                 tensors.append(a)
-                if a.is_meta:  # most arguments: an activation, whose spec is its own
-                    meta = True
-                    key.append(tensor_spec(a))
-                else:  # as the shape cache sees it (its twin's), and that it is real
-                    key.append((spec_of(a), False))
+                on_meta = a.is_meta
+                meta = meta or on_meta
+                key.append((spec_of(a), on_meta))  # as the shape cache sees it, and where it lives
             elif t in SEQUENCES:
                 if a and type(a[0]) is not int:
                     return None  # maybe a list of tensors

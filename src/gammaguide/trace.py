@@ -554,7 +554,5 @@ def trace(
         state.restore()
         graph.lazy_shapes = state.materialized
     for call in graph.calls:
-        call.name = names.get(id(call.module))
-        if call.end < 0:  # a call that raised; close it so ranges stay valid
-            call.end = len(graph.ops)
+        call.name = names.get(id(call.module))  # (``_module_calls`` closed every call, also one that raised)
     return graph
