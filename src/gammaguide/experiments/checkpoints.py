@@ -3,6 +3,7 @@ only when they belong to the same run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -10,13 +11,36 @@ from typing import Any, Callable
 import torch
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` through a temporary file, so that a kill mid-write leaves the
-    previous checkpoint, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(path: Path, state: dict[str, Any], *, attempts: int = 5) -> None:
+    """Write ``state`` to ``path`` through a temporary file, fsynced and then renamed, so that a kill
+    mid-write leaves the previous checkpoint, never half of one.
+
+    Runs of a grid share the checkpoint folder, and a run that finishes removes the folder when it is
+    left empty (``discard_checkpoint``): between our ``mkdir`` and our write another worker may have
+    removed it. The folder is then made again and the write retried."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return
+        except FileNotFoundError:  # the folder went away under us
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if attempt + 1 == attempts:
+                raise
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Remove a finished run's checkpoint, and the folder when no other run's checkpoint is left in it
+    (a worker saving at the same moment makes it again: ``save_checkpoint``)."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def load_checkpoint(path: Path | None, device: torch.device, owner: tuple[str, Any],
