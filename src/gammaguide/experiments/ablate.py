@@ -24,7 +24,8 @@ from ..errors import GammaGuideError
 from ..policy import resolve_policy
 from .data import load_dataset
 from .distributed import DistContext, barrier, load_dataset_once, run_workers
-from .results import RESULTS_NAME, append_line, finished_keys
+from . import numerics
+from .results import RESULTS_NAME, append_line, finished_keys, read_lines
 from .text_train import TextConfig, TextRunRecord, TextTrainer, load_data
 from .text_train import failed_record as text_failed_record
 from .train import RunRecord, TrainConfig, Trainer
@@ -146,6 +147,9 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
     todo = [c for c in mine if c.key() not in done]
     if ctx.is_main:
         log(f"{len(mine)} runs in this shard, {len(mine) - len(todo)} already in {results}, {len(todo)} to run")
+        if todo and ctx.device.type == "cpu":
+            _warn_mixed_threads(mine, results, numerics.default_threads(jobs) if jobs > 1 else torch.get_num_threads(),
+                                log)
     if not todo:
         return []
     # Decode (or read the cache) once here, so that workers and other ranks only read the cache.
@@ -170,6 +174,20 @@ def run_grid(configs: list[TrainConfig], out: str | os.PathLike, *, data_dir: st
     run_workers(_worker, todo, (str(out), str(ckpt), data_dir, device, jobs), jobs, results)
     return todo
 
+
+
+def _warn_mixed_threads(configs: list, results: Path, threads: int, log: Callable[[str], None]) -> None:
+    """Runs whose config leaves ``threads`` unset train with this invocation's share of the cores; say
+    so when finished runs of the same grid were made with another count (their numbers differ)."""
+    unset = {c.key() for c in configs if getattr(c, "threads", None) is None}
+    if not unset:
+        return
+    other = numerics.mixed_threads(read_lines(results, warn=False), unset, threads)
+    if other:
+        made = ", ".join(f"{n} with {t} thread{'s' * (t != 1)}" for t, n in sorted(other.items()))
+        log(f"warning: finished runs of this grid were made with other CPU thread counts ({made}); the runs "
+            f"left will train with {threads}, and thread counts change float sums: to keep the grid's numerics "
+            f"one, give --threads {max(other, key=other.get)} (it then starts a new grid), or --jobs to match")
 
 
 def _run_one(cfg: TrainConfig | TextConfig, out: Path, checkpoints: Path, data_dir: str | None, ctx: DistContext,

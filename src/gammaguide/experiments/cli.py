@@ -71,6 +71,14 @@ def _run_options(p: argparse.ArgumentParser, *, defaults_from_protocol: bool) ->
     p.add_argument("--warmup-epochs", type=float, default=d(0.0), help="linear warm-up (cosine schedule)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--precision", choices=("float32", "bf16"), default=None,
+                   help="float32, or bf16 autocast (default: bf16 on CUDA, float32 on the CPU); recorded in the key")
+    p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
+                   help="images: memory format of activations (default: channels_last on CUDA, contiguous on the "
+                        "CPU); recorded in the key")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of each run, recorded in the key so that --jobs cannot change a run's numbers "
+                        "(default: the cores shared by the runs at once, not in the key)")
     p.add_argument("--out", required=True, metavar="DIR", help="results go to DIR/results.jsonl")
     from .text_cli import add_options
 

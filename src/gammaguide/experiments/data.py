@@ -2,11 +2,14 @@
 
 A data SPEC is ``cifar10``, ``cifar100`` (torchvision; downloaded when online, else read from
 ``--data-dir``) or ``imagefolder:PATH`` (a tree ``PATH/{train,test}/<class>/<image>``, such as
-the CIFAR-10 JPEG copy). ``imagefolder`` without a path, and a relative path that does not
-exist, are looked up under the ``GAMMAGUIDE_DATA`` environment variable.
+the CIFAR-10 JPEG copy, or a zip archive holding that tree, or a folder holding one such zip);
+``cifar100:PATH`` and ``cifar10:PATH`` are the same as ``imagefolder:PATH`` (the CIFAR-100 PNG
+zip). ``imagefolder`` without a path, and a relative path that does not exist, are looked up
+under the ``GAMMAGUIDE_DATA`` environment variable.
 
 Decoding happens once: the arrays go to a cache file in the user's cache directory, keyed by
-the tree's path, its number of files and their total size, so a changed tree is decoded anew.
+the tree's (or zip's) path, its number of images and their total size, so a changed tree is
+decoded anew.
 Batches are cut from the tensors and augmented (random crop with 4 pixels of zero padding,
 horizontal flip) with tensor ops on the training device: no per-image Python work per epoch.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,23 +99,30 @@ def load_dataset(spec: str, data_dir: str | os.PathLike | None = None, *, progre
     name, _, arg = spec.partition(":")
     if name in ("cifar10", "cifar100") and not arg:
         return _torchvision_cifar(name, data_dir)
-    if name == "imagefolder":
+    if name in ("imagefolder", "cifar10", "cifar100"):
         return _imagefolder(resolve_folder(arg or None, data_dir), progress=progress)
-    raise GammaGuideError(f"unknown data spec {spec!r}; use cifar10, cifar100 or imagefolder:PATH "
-                          f"(a folder with train/ and test/ subfolders of class folders)")
+    raise GammaGuideError(f"unknown data spec {spec!r}; use cifar10, cifar100, imagefolder:PATH (a folder with "
+                          f"train/ and test/ subfolders of class folders, or a zip of them) or cifar100:PATH (the "
+                          f"same, e.g. the CIFAR-100 PNG zip)")
 
 
 def resolve_folder(path: str | None, data_dir: str | os.PathLike | None = None) -> Path:
-    """The ImageFolder root: PATH itself, or PATH under --data-dir or $GAMMAGUIDE_DATA."""
+    """The ImageFolder root: PATH itself, or PATH under --data-dir or $GAMMAGUIDE_DATA; a folder with
+    train/ in it, a zip archive, or a folder holding exactly one zip archive."""
     bases = [Path(b) for b in (data_dir, os.environ.get(DATA_ENV)) if b]
     candidates = ([Path(path).expanduser()] if path else []) + [b / path if path else b for b in bases]
     for c in candidates:
         if (c / "train").is_dir():
             return c
+        if c.is_file() and zipfile.is_zipfile(c):
+            return c
+        zips = sorted(c.glob("*.zip")) if c.is_dir() else []
+        if len(zips) == 1 and zipfile.is_zipfile(zips[0]):
+            return zips[0]
     tried = ", ".join(str(c) for c in candidates) or "nothing (no PATH, no --data-dir, no $GAMMAGUIDE_DATA)"
-    raise GammaGuideError(f"no ImageFolder tree with a train/ folder found; tried {tried}. Give "
-                          f"imagefolder:PATH with PATH/train/<class>/*.jpg and PATH/test/<class>/*.jpg, or set "
-                          f"{DATA_ENV}=PATH")
+    raise GammaGuideError(f"no ImageFolder tree with a train/ folder (or zip of one) found; tried {tried}. Give "
+                          f"imagefolder:PATH with PATH/train/<class>/*.jpg and PATH/test/<class>/*.jpg (or a zip "
+                          f"holding train/ and test/), or set {DATA_ENV}=PATH")
 
 
 def cache_dir() -> Path:
@@ -149,6 +160,30 @@ def _torchvision_cifar(name: str, data_dir: str | os.PathLike | None) -> Dataset
 # ----------------------------------------------------------------------------- ImageFolder
 
 
+def _list_zip(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int]]]]:
+    """Classes and (member, label) pairs of a zip holding ``[prefix/]train/<class>/<image>`` and ``test/``."""
+    with zipfile.ZipFile(root) as z:
+        names = [n for n in z.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    by_split: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    for n in names:
+        parts = n.split("/")
+        if len(parts) >= 3 and parts[-3] in by_split:  # .../<split>/<class>/<file>
+            by_split[parts[-3]].append((parts[-2], n))
+    classes = tuple(sorted({c for c, _ in by_split["train"]}))
+    if not classes:
+        raise GammaGuideError(f"{root} holds no train/<class>/<image> members; expected a zip of an ImageFolder tree")
+    index = {c: i for i, c in enumerate(classes)}
+    files: dict[str, list[tuple[str, int]]] = {}
+    for split, items in by_split.items():
+        unknown = sorted({c for c, _ in items} - set(index))
+        if unknown:
+            raise GammaGuideError(f"{root}: {split}/ has class folders that train/ lacks ({', '.join(unknown[:5])})")
+        if not items:
+            raise GammaGuideError(f"{root} holds no {split}/<class>/<image> members")
+        files[split] = sorted(((n, index[c]) for c, n in items), key=lambda t: (t[1], t[0]))
+    return classes, files
+
+
 def _list_tree(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
     train = root / "train"
     classes = tuple(sorted(d.name for d in train.iterdir() if d.is_dir()))
@@ -173,13 +208,16 @@ def _list_tree(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, 
 
 def _cache_key(root: Path, files: dict[str, list[tuple[Path, int]]]) -> str:
     count = sum(len(v) for v in files.values())
-    size = sum(p.stat().st_size for v in files.values() for p, _ in v)
+    if root.is_file():  # a zip: its own size stands for its members'
+        size = root.stat().st_size
+    else:
+        size = sum(p.stat().st_size for v in files.values() for p, _ in v)
     text = f"v{CACHE_VERSION}|{root.resolve()}|{count}|{size}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _imagefolder(root: Path, *, progress: bool) -> Dataset:
-    classes, files = _list_tree(root)
+    classes, files = _list_zip(root) if root.is_file() else _list_tree(root)
     path = cache_dir() / f"imagefolder-{root.resolve().name}-{_cache_key(root, files)}.pt"
     if path.is_file():
         try:
@@ -191,7 +229,7 @@ def _imagefolder(root: Path, *, progress: bool) -> Dataset:
                           stacklevel=2)
     splits = {}
     for split, items in files.items():
-        splits[split] = _decode_all(items, split, progress)
+        splits[split] = _decode_all(items, split, progress, root if root.is_file() else None)
     blob = {"train_x": splits["train"][0], "train_y": splits["train"][1], "test_x": splits["test"][0],
             "test_y": splits["test"][1], "classes": list(classes)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,20 +239,31 @@ def _imagefolder(root: Path, *, progress: bool) -> Dataset:
     return Dataset(f"imagefolder:{root}", *splits["train"], *splits["test"], classes)
 
 
-def _decode(item: tuple[str, int]) -> tuple[bytes | None, tuple[int, ...] | str]:
+_ZIPS: dict[str, zipfile.ZipFile] = {}  # per decoding process: the archive, opened once
+
+
+def _decode(item: tuple[str, int, str | None]) -> tuple[bytes | None, tuple[int, ...] | str]:
+    import io
+
     from PIL import Image
 
-    path, _ = item
+    path, _, archive = item
     try:
-        with Image.open(path) as im:
+        if archive is not None:
+            z = _ZIPS.get(archive) or _ZIPS.setdefault(archive, zipfile.ZipFile(archive))
+            source = io.BytesIO(z.read(path))
+        else:
+            source = path
+        with Image.open(source) as im:
             im = im.convert("RGB")
             return im.tobytes(), (im.height, im.width)
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _decode_all(items: list[tuple[Path, int]], split: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    jobs = [(str(p), y) for p, y in items]
+def _decode_all(items: list[tuple[Path, int]], split: str, progress: bool,
+                archive: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    jobs = [(str(p), y, str(archive) if archive else None) for p, y in items]
     workers = min(8, os.cpu_count() or 1)
     bar = progress_bar(len(jobs), f"decoding {split}", "img", progress)
     decoded = []
@@ -227,7 +276,7 @@ def _decode_all(items: list[tuple[Path, int]], split: str, progress: bool) -> tu
     if size is None:
         raise GammaGuideError(f"no image of the {split} split could be decoded (first error: {decoded[0][1]})")
     images, labels = [], []
-    for (path, y), (raw, info) in zip(jobs, decoded, strict=True):
+    for (path, y, _), (raw, info) in zip(jobs, decoded, strict=True):
         if raw is None:
             warnings.warn(f"skipping unreadable image {path} ({info})", stacklevel=2)
             continue

@@ -33,13 +33,14 @@ from .. import analysis, groups
 from ..errors import GammaGuideError
 from ..models import create_model
 from . import fused as FU
-from . import mechanisms
-from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from . import mechanisms, numerics
+from .checkpoints import (discard_checkpoint, load_checkpoint, restore_training_state, save_checkpoint,
+                          training_state)
 from .data import Augment, Dataset, epoch_plan
 from .distributed import DistContext
 from .progress import bar as progress_bar
 from .results import run_key
-from .train import RunRecord, TrainConfig, _probe_indices, environment, lr_factor
+from .train import RunRecord, TrainConfig, _probe_indices, decay_time, environment, lr_factor
 
 CHECK_EVERY = 20  # steps between host syncs, as in train.Trainer.train_epoch
 _CHECKED: set[str] = set()  # models whose fusability was checked in this process
@@ -101,6 +102,8 @@ class FusedTrainer:
         cfg = self.cfg = configs[0]
         self.ctx, self.device = ctx, ctx.device
         self.cuda = self.device.type == "cuda"
+        self.numerics = numerics.resolve(cfg, self.device)
+        self.numerics.apply(self.device)
         self.progress = progress
 
         data = data.subset(cfg.subset, cfg.test_subset, cfg.subset_seed)
@@ -138,9 +141,10 @@ class FusedTrainer:
         fused = fused.to(self.device)
         # The per-run model the mechanisms are measured on, set up as a lone run sets up its own.
         self.run_model = models[0].to(self.device)
-        if self.cuda:
+        if self.numerics.channels_last:
             fused = fused.to(memory_format=torch.channels_last)
             self.run_model = self.run_model.to(memory_format=torch.channels_last)
+        if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.model = fused
         self.params = list(fused.parameters())
@@ -190,12 +194,12 @@ class FusedTrainer:
 
     def discard_checkpoint(self) -> None:
         if self.checkpoint is not None:
-            self.checkpoint.unlink(missing_ok=True)
+            discard_checkpoint(self.checkpoint)
 
     # -- one epoch ----------------------------------------------------------------------------------
     def _fused_batch(self, x: torch.Tensor) -> torch.Tensor:
         x = FU.fuse_inputs(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if self.numerics.channels_last else x
 
     def _kill(self, m: int, reason: str) -> None:
         """Run m stops: record why, and zero its block (parameters, momentum, BatchNorm
@@ -242,7 +246,7 @@ class FusedTrainer:
 
         The backward pass starts from the sum of the live runs' mean losses: the gradient of
         run m's parameters is that of run m's loss alone."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+        with self.numerics.autocast(self.device):
             out = self.net(self._fused_batch(x))
             losses = FU.run_losses(out, y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -313,7 +317,7 @@ class FusedTrainer:
         for i in range(0, len(ys), chunk):
             x = self.augment.normalize(xs[i:i + chunk])
             x = self._fused_batch(x.unsqueeze(0).expand(self.n, *x.shape))
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            with self.numerics.autocast(self.device):
                 correct += (self.model(x).argmax(-1) == ys[i:i + chunk, None]).sum(0)
         return [int(c) / len(ys) for c in correct.tolist()], len(ys)
 
@@ -334,7 +338,9 @@ class FusedTrainer:
                 continue
             self.run_model.load_state_dict(self.unfused_state(m))  # the γ and weights of run m alone
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": losses[m], "train_acc": accs[m],
-                   "test_acc": test_accs[m], "test_images": test_images, "train_images_per_s": img_s}
+                   "test_acc": test_accs[m], "test_images": test_images, "train_images_per_s": img_s,
+                   "decay_time": decay_time(self.scheduler.lr_lambdas[0], self.cfg.lr, self.cfg.weight_decay,
+                                            first + self.steps_per_epoch)}
             row.update(mechanisms.gamma_stats(self.role_tensors[m], lr))
             row["variance_ratio"] = ratios[m]
             self.histories[m].append(row)
@@ -367,7 +373,7 @@ class FusedTrainer:
         decayed = {r: 0 for r in counts}
         for e in report.entries:
             decayed[e.role] += e.decay
-        env = environment(self.device, 1)
+        env = environment(self.device, 1, self.numerics)
         env["fused_runs"] = self.n
         history = self.histories[m]
         return RunRecord(

@@ -59,6 +59,9 @@ def config_from(args, base):
 
     if getattr(args, "depth", None) is not None:
         raise GammaGuideError("--depth sets a CIFAR ResNet; for a text model use --layers")
+    if getattr(args, "precision", None) or getattr(args, "memory_format", None):
+        raise GammaGuideError("--precision and --memory-format set image runs; text runs train in float32 on the CPU "
+                              "(bf16 autocast on CUDA): leave them out")
     if getattr(args, "sync_bn", None):
         raise GammaGuideError("--sync-bn is for image models under torchrun; text models have no BatchNorm")
     if getattr(args, "momentum", None) is not None or getattr(args, "nesterov", None):

@@ -20,7 +20,6 @@ finished run is one line of the results file. What differs is the transformer co
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -37,13 +36,14 @@ from ..errors import GammaGuideError
 from ..models import create_model
 from ..policy import resolve_policy
 from ..text_models import CLASSIFIERS, TRANSLATORS
-from . import bleu, mechanisms
-from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from . import bleu, mechanisms, numerics
+from .checkpoints import (discard_checkpoint, load_checkpoint, restore_training_state, save_checkpoint,
+                          training_state)
 from .distributed import DistContext
 from .progress import bar as progress_bar
 from .results import append_line, run_key
 from .text_data import BOS, EOS, PAD, ClassificationData, Tokens, TranslationData, load_text, load_tokenizer, text_task
-from .train import RunRecord, check_counts, check_non_negative, environment, lr_factor
+from .train import RunRecord, check_counts, check_non_negative, decay_time, environment, lr_factor
 
 TEXT_SCHEDULES = ("linear", "cosine")
 METRIC = {"classify": "test_acc", "translate": "test_bleu"}
@@ -77,6 +77,7 @@ class TextConfig:
     variance_batch: int = 256  # fixed test sentences for the variance ratios
     epoch_test_subset: int | None = None  # test sentences for the metric of every epoch but the last
     optimizer: str = "adamw"  # recorded so a reader knows the decay is decoupled; the only choice
+    threads: int | None = None  # CPU threads of the run (numerics.py); None: cores // jobs, left out of the key
 
     @property
     def task(self) -> str:
@@ -98,6 +99,7 @@ class TextConfig:
         if self.optimizer != "adamw":
             raise GammaGuideError(f"text tasks train with AdamW; got optimizer {self.optimizer!r}")
         check_counts(self, ("epochs", "batch_size", "width", "layers", "heads", "variance_batch"))
+        numerics.check(self)
         if self.width % self.heads:
             raise GammaGuideError(f"--width {self.width} must be a multiple of --heads {self.heads}")
         check_non_negative(self, ("lr", "weight_decay", "warmup_epochs"))
@@ -107,7 +109,7 @@ class TextConfig:
                 raise GammaGuideError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
 
     def settings(self) -> dict[str, Any]:
-        return asdict(self)
+        return numerics.keyed_settings(asdict(self))
 
     def key(self) -> str:
         return run_key(self.settings())
@@ -183,6 +185,8 @@ class TextTrainer:
             raise GammaGuideError(f"the data ({data.name}) is for {data.task}, the config for {config.task}")
         self.cfg, self.ctx, self.device = config, ctx, ctx.device
         self.cuda = self.device.type == "cuda"
+        self.numerics = numerics.resolve(config, self.device)
+        self.numerics.apply(self.device)
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.progress = progress
         self.log = log or (lambda msg: None)
@@ -258,9 +262,7 @@ class TextTrainer:
 
     def discard_checkpoint(self) -> None:
         if self.checkpoint is not None:
-            self.checkpoint.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self.checkpoint.parent.rmdir()
+            discard_checkpoint(self.checkpoint)
 
     # -- one epoch --------------------------------------------------------------------------------
     def batch(self, idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int, int]:
@@ -403,7 +405,9 @@ class TextTrainer:
         lr = self.cfg.lr * sum(factors) / len(factors)  # the epoch's mean learning rate
         last = epoch + 1 == self.cfg.epochs
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                               "train_tokens_per_s": tok_s}
+                               "train_tokens_per_s": tok_s,
+                               "decay_time": decay_time(self.scheduler.lr_lambdas[0], self.cfg.lr,
+                                                        self.cfg.weight_decay, first + self.steps_per_epoch)}
         if self.translate:
             row["valid_loss"] = self.valid_loss()
             score, sentences, hyps = self.translate_test(last)
@@ -447,7 +451,7 @@ class TextTrainer:
             test_acc=final if metric == "test_acc" else None,
             model=cfg.model, data=cfg.data, epochs=cfg.epochs, settings=cfg.settings(), history=self.history,
             roles={r: {"count": counts[r], "decayed": decayed[r]} for r in counts if counts[r]},
-            wall_s=time.perf_counter() - wall, environment=environment(self.device, 1),
+            wall_s=time.perf_counter() - wall, environment=environment(self.device, 1, self.numerics),
             metric=metric, test_bleu=final if metric == "test_bleu" else None,
             bleu_signature=self.bleu_signature if self.translate else None,
             train_tokens_per_s=self.train_tokens / self.train_seconds if self.train_seconds else None,

@@ -8,7 +8,6 @@ and see the same images in the same order.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
@@ -26,8 +25,9 @@ from .. import analysis, groups
 from ..errors import GammaGuideError
 from ..models import create_model
 from ..policy import resolve_policy
-from . import mechanisms
-from .checkpoints import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from . import mechanisms, numerics
+from .checkpoints import (discard_checkpoint, load_checkpoint, restore_training_state, save_checkpoint,
+                          training_state)
 from .data import Augment, Dataset, balanced_indices, epoch_plan
 from .distributed import DistContext, all_sum, barrier
 from .progress import bar as progress_bar
@@ -61,16 +61,23 @@ class TrainConfig:
     # the test set; None: all of it). The last epoch, whose accuracy is the run's, always uses
     # the whole test set. Saves most of the evaluation time of long CPU runs.
     epoch_test_subset: int | None = None
+    # Numerics (numerics.py): bf16 autocast or float32, channels_last or contiguous, CPU threads per
+    # run. None: as before these fields existed (bf16 and channels_last on CUDA only, cores // jobs
+    # threads), and left out of the key.
+    precision: str | None = None
+    memory_format: str | None = None
+    threads: int | None = None
 
     def check(self) -> None:
         resolve_policy(self.policy)  # raises with the list of policies
+        numerics.check(self)
         if self.schedule not in SCHEDULES:
             raise GammaGuideError(f"unknown --schedule {self.schedule!r}; use {' or '.join(SCHEDULES)}")
         check_counts(self, ("epochs", "batch_size"))
         check_non_negative(self, ("lr", "weight_decay", "momentum", "warmup_epochs"))
 
     def settings(self) -> dict[str, Any]:
-        return asdict(self)
+        return numerics.keyed_settings(asdict(self))
 
     def key(self) -> str:
         return run_key(self.settings())
@@ -136,9 +143,17 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def environment(device: torch.device, world: int) -> dict[str, Any]:
+def decay_time(factor: Callable[[int], float], lr: float, weight_decay: float, steps: int) -> float:
+    """D = the sum over the first ``steps`` steps of lr_t * weight decay: how far L2 has acted (a weight
+    decayed alone shrinks by about exp(-D)); below ~1 decay has barely acted."""
+    return lr * weight_decay * math.fsum(factor(s) for s in range(steps))
+
+
+def environment(device: torch.device, world: int, used: "numerics.Numerics | None" = None) -> dict[str, Any]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
            "world_size": world, "threads": torch.get_num_threads(), "host": platform.node()}
+    if used is not None:
+        env.update(used.record())
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -189,7 +204,9 @@ class Trainer:
         if config.epoch_test_subset and config.epoch_test_subset < len(data.test_y):
             part = data.subset(None, config.epoch_test_subset, config.subset_seed)
             self.epoch_test = (part.test_x.to(self.device), part.test_y.to(self.device))
-        self.augment = Augment(self.device, channels_last=self.cuda)
+        self.numerics = numerics.resolve(config, self.device)
+        self.numerics.apply(self.device)
+        self.augment = Augment(self.device, channels_last=self.numerics.channels_last)
         probe = _probe_indices(data.test_y, config.variance_batch, config.subset_seed).to(self.device)
         self.variance_x, self.variance_y = self.test_x[probe], self.test_y[probe]
 
@@ -198,8 +215,9 @@ class Trainer:
         if config.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
-        if self.cuda:
+        if self.numerics.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.model = model
         example = self.augment.normalize(self.test_x[:2])
@@ -250,9 +268,7 @@ class Trainer:
 
     def discard_checkpoint(self) -> None:
         if self.checkpoint is not None and self.ctx.is_main:
-            self.checkpoint.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # only when no other run's checkpoint is left there
-                self.checkpoint.parent.rmdir()
+            discard_checkpoint(self.checkpoint)
 
     # -- one epoch ----------------------------------------------------------------------------------
     def _local_order(self, epoch: int, plan_order: torch.Tensor) -> torch.Tensor:
@@ -286,7 +302,7 @@ class Trainer:
             idx = order[step * local:(step + 1) * local]
             x = self.augment(self.train_x[idx], dy[idx], dx[idx], flip[idx])
             y = self.train_y[idx]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            with self.numerics.autocast(self.device):
                 out = self.net(x)
                 loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -329,7 +345,7 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for i in range(0, len(ys), 1000):
             x = self.augment.normalize(xs[i:i + 1000])
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            with self.numerics.autocast(self.device):
                 correct += (self.model(x).argmax(1) == ys[i:i + 1000]).sum()
         return int(correct) / len(ys), len(ys)
 
@@ -341,7 +357,9 @@ class Trainer:
         lr = self.cfg.lr * sum(factors) / len(factors)
         test_acc, test_images = self.evaluate(last=epoch + 1 == self.cfg.epochs)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-               "test_acc": test_acc, "test_images": test_images, "train_images_per_s": img_s}
+               "test_acc": test_acc, "test_images": test_images, "train_images_per_s": img_s,
+               "decay_time": decay_time(self.scheduler.lr_lambdas[0], self.cfg.lr, self.cfg.weight_decay,
+                                        first + self.steps_per_epoch)}
         row.update(mechanisms.gamma_stats(self.role_tensors, lr))
         batch = self.augment.normalize(self.variance_x)
         row["variance_ratio"] = mechanisms.variance_ratios(self.model, batch)
@@ -375,5 +393,6 @@ class Trainer:
             model=cfg.model, data=cfg.data, epochs=cfg.epochs, settings=cfg.settings(), history=self.history,
             roles={r: {"count": counts[r], "decayed": decayed[r]} for r in counts if counts[r]},
             train_images_per_s=self.train_images / self.train_seconds if self.train_seconds else None,
-            wall_s=time.perf_counter() - wall, environment=environment(self.device, self.ctx.world_size),
+            wall_s=time.perf_counter() - wall,
+            environment=environment(self.device, self.ctx.world_size, self.numerics),
         )
