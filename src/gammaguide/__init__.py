@@ -4,12 +4,14 @@
     report = gg.analyze(model, example_inputs)          # one traced forward pass
     groups = gg.param_groups(model, weight_decay=5e-4, example_inputs=x)
     opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    monitor = gg.Monitor(model, opt, example_inputs=x)   # per-role |γ|, lr/‖γ‖², var(branch)/var(skip)
 """
 
 from .analysis import analyze
 from .errors import GammaGuideError
 from .groups import param_groups
 from .initialization import zero_init
+from .monitor import Monitor
 from .norms import register_norm_class
 from .optim import create_optimizer
 from .policy import POLICIES, Policy
@@ -20,7 +22,7 @@ from .verify import Check, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "param_groups", "verify", "register_norm_class", "Check", "create_optimizer", "zero_init",
+    "analyze", "param_groups", "verify", "register_norm_class", "Check", "create_optimizer", "zero_init", "Monitor",
     "Report", "Entry", "ParamInfo", "Policy", "GammaGuideError",
     "ROLES", "POLICIES", "PAPER_CATEGORY", "__version__",
 ]

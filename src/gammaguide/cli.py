@@ -1,4 +1,4 @@
-"""Command line: ``gammaguide inspect|train|ablate|report``.
+"""Command line: ``gammaguide inspect|train|ablate|report|monitor``.
 
 Every error a user can cause ends as one line on stderr and exit status 2.
 """
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import cli as experiments_cli  # argparse definitions only; heavy imports stay lazy
 
     experiments_cli.register(sub)
+    from . import monitor_plots  # `gammaguide monitor`: draws gg.Monitor's records (matplotlib imported lazily)
+
+    monitor_plots.register(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis import residual_variances
+from .. import monitor
 from ..report import Report
 
 
@@ -40,38 +40,24 @@ def role_tensors(model: nn.Module, report: Report, optimizer: torch.optim.Optimi
     return RoleTensors(gammas, weights, lr_scale)
 
 
-@torch.no_grad()
 def gamma_stats(rt: RoleTensors, lr: float) -> dict[str, Any]:
     """{"gamma_abs": {role: mean |γ|}, "gamma_eff_lr": {role: mean lr/||γ||²}, "weight_eff_lr": mean
-    lr/||W||²}, with ``lr`` the base learning rate (times each group's ``lr_scale``)."""
+    lr/||W||²}, with ``lr`` the base learning rate (times each group's ``lr_scale``). Measured by
+    the monitor's functions (``gammaguide.monitor``), as ``gg.Monitor`` measures them."""
 
-    def eff_lr(ps: list[nn.Parameter]) -> float:
-        vals = [lr * rt.lr_scale.get(id(p), 1.0) / max(float(p.detach().float().pow(2).sum()), 1e-12) for p in ps]
-        return sum(vals) / len(vals)
+    def lr_of(p: torch.Tensor) -> float:
+        return lr * rt.lr_scale.get(id(p), 1.0)
 
-    abs_mean = {}
-    eff = {}
-    for role, ps in sorted(rt.gammas.items()):
-        flat = torch.cat([p.detach().float().abs().flatten() for p in ps])
-        abs_mean[role] = float(flat.mean())
-        eff[role] = eff_lr(ps)
+    stats = monitor.role_stats(dict(sorted(rt.gammas.items())), lr_of)
     return {
-        "gamma_abs": abs_mean,
-        "gamma_eff_lr": eff,
-        "weight_eff_lr": eff_lr(rt.weights) if rt.weights else float("nan"),
+        "gamma_abs": {role: s["gamma_abs"] for role, s in stats.items()},
+        "gamma_eff_lr": {role: s["eff_lr"] for role, s in stats.items()},
+        "weight_eff_lr": monitor.mean_eff_lr(rt.weights, lr_of) if rt.weights else float("nan"),
     }
 
 
 def variance_ratios(model: nn.Module, batch: torch.Tensor) -> dict[str, float]:
-    """var(branch) / var(skip) at each residual addition, in eval mode on ``batch``.
-
-    ``residual_variances`` runs one traced forward pass and leaves the model's mode and
-    BatchNorm statistics exactly as they were.
-    """
-    out: dict[str, float] = {}
-    for rv in residual_variances(model, batch):
-        key = rv.module_name or "<model>"
-        while key in out:  # two residual adds in one module (a transformer block)
-            key += "'"
-        out[key] = rv.ratio
-    return out
+    """var(branch) / var(skip) at each residual addition, in eval mode on ``batch``
+    (``gammaguide.monitor.variance_ratios``: one traced forward pass that leaves the model's mode,
+    BatchNorm statistics and RNGs exactly as they were)."""
+    return monitor.variance_ratios(model, batch)
