@@ -218,7 +218,8 @@ def test_claims_table_over_several_files(tmp_path):
     assert table[0] == ("| claim | (1) resnet20 · cifar10-jpeg (10,000 train) · 15 epochs · wd 5e-3, Δ accuracy points"
                         " | (2) resnet20 · cifar10-jpeg (10,000 train) · 40 epochs · wd 5e-4, Δ accuracy points |")
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[2:]}
-    assert rows["L2 on γ_first lowers the metric"][0].endswith("n=3: **confirmed**")  # -1 point on every seed
+    # -1 point on every seed
+    assert rows["L2 on γ_first lowers the metric"][0].endswith("n=3: **confirmed**; Holm: **confirmed**")
     assert rows["L2 on γ_first lowers the metric"][1] == "no run |"
     assert rows["the guidelines beat decaying every γ"] == ["no run", "no run |"]
     assert rows["the guidelines beat decaying no γ"][1] == "no run |"
@@ -251,7 +252,8 @@ def test_report_command_claims_mode_prints_the_table(two_files, tmp_path, capsys
     assert main(["report", str(a), str(b), "--claims"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"<!-- made by: gammaguide report {a} {b} --claims -->")
-    assert "| the guidelines beat decaying no γ | +2.00 [+2.00, +2.00], n=3: **confirmed** |" in out
+    assert ("| the guidelines beat decaying no γ | +2.00 [+2.00, +2.00], n=3: **confirmed**; Holm: **confirmed** |"
+            in out)
     assert "4 epochs" in out and "15 epochs" in out
     assert main(["report", str(a), str(b), "--claims", "--out", str(tmp_path / "c")]) == 0
     written = capsys.readouterr().out

@@ -3,7 +3,16 @@
 A claim compares two arms of one setting seed by seed. It is **confirmed** where the 95% interval
 of the paired difference excludes 0 in the paper's direction, **contradicted** where it excludes 0
 in the other direction, and **not shown** otherwise (whatever the sign of the mean, and always
-with fewer than 2 paired seeds). A setting without one of the two arms says "no run".
+with fewer than 2 paired seeds). A setting without one of the two arms says "no run", unless
+another arm of the setting decays exactly the same parameters (the same policy there: a pre-LN
+transformer's ``guidelines`` is its ``only:residual_last``); that arm stands in, and the cell says
+so. Two arms that decay the same parameters in a setting (no shortcut γ: ``only:shortcut`` is
+``no_gamma``) make the cell "same policy", not a verdict.
+
+Six claims are tested per setting, so each cell also gives Holm's verdict: the paired t tests' p
+values adjusted over the setting's claims (family-wise 5%). And where a claim of the paper comes
+with a size (at least 1 accuracy point, in its direction), a cell whose interval lies wholly on
+the near side of that size says "smaller than the paper's".
 
 Claims map to arms the way the role table of docs/core.md maps the paper's categories to roles:
 γ_last -> ``residual_last``, γ_others -> ``scale_invariant``, γ_down -> ``shortcut``,
@@ -12,9 +21,12 @@ Claims map to arms the way the role table of docs/core.md maps the paper's categ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .stats import CONFIRMED, CONTRADICTED, Difference, verdict
+from typing import Any
+
+from ..policy import resolve_policy
+from .stats import CONFIRMED, CONTRADICTED, NOT_SHOWN, Difference, holm, verdict
 from .summary import ALL, BASELINE, NO_NORM, Experiment
 
 
@@ -27,15 +39,18 @@ class Claim:
     reference: str
     direction: int  # +1: the paper says arm > reference; -1: arm < reference; 0: the control (equal)
     paper: str  # what the paper reports about the size
+    smallest: float | None = None  # the paper's smallest effect, in accuracy (fraction): 0.01 = 1 point
 
 
 CLAIMS = (
     Claim("L2 on γ_last raises the metric", "γ_last", "residual_last", "only:residual_last", BASELINE, 1,
-          "+1 to +4 points"),
+          "+1 to +4 points", 0.01),
     Claim("L2 on γ_others raises the metric", "γ_others", "scale_invariant", "only:scale_invariant", BASELINE, 1,
-          "+1 to +4 points"),
-    Claim("L2 on γ_down lowers the metric", "γ_down", "shortcut", "only:shortcut", BASELINE, -1, "-1 to -3 points"),
-    Claim("L2 on γ_first lowers the metric", "γ_first", "stream", "only:stream", BASELINE, -1, "-1 to -3 points"),
+          "+1 to +4 points", 0.01),
+    Claim("L2 on γ_down lowers the metric", "γ_down", "shortcut", "only:shortcut", BASELINE, -1, "-1 to -3 points",
+          0.01),
+    Claim("L2 on γ_first lowers the metric", "γ_first", "stream", "only:stream", BASELINE, -1, "-1 to -3 points",
+          0.01),
     Claim("the guidelines beat decaying every γ", "", "", "guidelines", ALL, 1, "higher"),
     Claim("the guidelines beat decaying no γ", "", "", "guidelines", BASELINE, 1, "higher"),
 )
@@ -44,7 +59,9 @@ CLAIMS = (
 NOISE = Claim("control: identical settings (noise)", "", "", NO_NORM, BASELINE, 0, "0 (the same policy)")
 
 NO_RUN = "no run"
+SAME_POLICY = "same policy"
 NOISE_SHOWN, NOISE_NOT_SHOWN = "differs from 0", "no difference shown"
+SMALLER = "smaller than the paper's"
 
 
 @dataclass(frozen=True)
@@ -53,16 +70,76 @@ class Cell:
 
     claim: Claim
     difference: Difference | None  # None: one of the two arms has no run in the setting
-    verdict: str  # confirmed / contradicted / not shown / no run (the control: differs from 0 / no difference shown)
+    verdict: str  # confirmed / contradicted / not shown / no run / same policy (the control: differs from 0 / ...)
+    holm: str | None = None  # the verdict after Holm's adjustment over the setting's claims
+    smaller: bool = False  # the interval excludes the paper's smallest effect in the paper's direction
+    stand_in: str | None = None  # the arm used for ``claim.arm``, which has no run but the same policy
+
+
+def _signature(exp: Experiment, arm: str) -> tuple[Any, ...] | None:
+    """What ``arm`` decays in this setting: γ decayed per role (from its runs' records) and the
+    policy's other kinds; None without a record that says."""
+    roles = next((r.get("roles") for r in exp.runs if r.get("arm") == arm and r.get("roles")), None)
+    if roles is None:
+        return None
+    return _policy_signature(arm, {role: v.get("count", 0) for role, v in roles.items()},
+                             {role: v.get("decayed", 0) for role, v in roles.items()})
+
+
+def _policy_signature(arm: str, counts: dict[str, int], decayed: dict[str, int]) -> tuple[Any, ...]:
+    p = resolve_policy(arm)
+    return (tuple(sorted((r, d) for r, d in decayed.items() if counts.get(r))), p.weight, p.beta, p.bias, p.other)
+
+
+def _expected_signature(exp: Experiment, arm: str) -> tuple[Any, ...] | None:
+    """What ``arm`` would decay in this setting, from the role counts any run of it recorded."""
+    counts = next((r.get("roles") for r in exp.runs if r.get("roles")), None)
+    if counts is None:
+        return None
+    policy = resolve_policy(arm)
+    count = {role: v.get("count", 0) for role, v in counts.items()}
+    return _policy_signature(arm, count, {role: n if policy.decides("gamma", role) else 0 for role, n in count.items()})
+
+
+def _stand_in(exp: Experiment, arm: str) -> str | None:
+    """An arm with runs in this setting that decays exactly what the missing ``arm`` would."""
+    want = _expected_signature(exp, arm)
+    if want is None:
+        return None
+    return next((a.arm for a in exp.arms if a.values and _signature(exp, a.arm) == want), None)
 
 
 def check(exp: Experiment, claim: Claim) -> Cell:
-    diff = exp.difference(claim.arm, claim.reference)
+    """One claim in one setting, without the multiplicity adjustment (``check_setting`` adds it)."""
+    arm, stand_in = claim.arm, None
+    if exp.arm(arm) is None and claim.direction != 0:
+        stand_in = _stand_in(exp, arm)
+        arm = stand_in or arm
+    diff = exp.difference(arm, claim.reference)
     if diff is None:
         return Cell(claim, None, NO_RUN)
     if claim.direction == 0:
         return Cell(claim, diff, NOISE_SHOWN if diff.excludes_zero else NOISE_NOT_SHOWN)
-    return Cell(claim, diff, verdict(diff, claim.direction))
+    mine, theirs = _signature(exp, arm), _signature(exp, claim.reference)
+    if mine is not None and mine == theirs:
+        return Cell(claim, diff, SAME_POLICY, stand_in=stand_in)
+    said = verdict(diff, claim.direction)
+    # A contradiction already says more than "smaller": the interval lies on the other side of 0.
+    smaller = bool(claim.smallest and exp.metric.key == "test_acc" and diff.has_interval and said != CONTRADICTED
+                   and (diff.high < claim.smallest if claim.direction > 0 else diff.low > -claim.smallest))
+    return Cell(claim, diff, said, smaller=smaller, stand_in=stand_in)
+
+
+def check_setting(exp: Experiment) -> list[Cell]:
+    """Every claim in one setting (the control last), with Holm's verdict over the claims that have a
+    paired t test (same-policy and missing cells are not tests)."""
+    cells = [check(exp, c) for c in CLAIMS]
+    tested = {i: c.difference.p for i, c in enumerate(cells)
+              if c.verdict in (CONFIRMED, CONTRADICTED, NOT_SHOWN) and c.difference and c.difference.p is not None}
+    rejected = holm({str(i): p for i, p in tested.items()})
+    out = [replace(c, holm=(c.verdict if str(i) in rejected else NOT_SHOWN) if i in tested else None)
+           for i, c in enumerate(cells)]
+    return out + [check(exp, NOISE)]
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -79,13 +156,36 @@ def format_difference(diff: Difference | None, scale: float) -> str:
     return f"{scale * diff.mean:+.2f} [{scale * diff.low:+.2f}, {scale * diff.high:+.2f}], n={diff.n}"
 
 
+def _bold(verdict: str) -> str:
+    return f"**{verdict}**" if verdict in (CONFIRMED, CONTRADICTED, NOISE_SHOWN) else verdict
+
+
 def _cell_text(cell: Cell, exp: Experiment) -> str:
     if cell.difference is None:
         return NO_RUN
-    v = f"**{cell.verdict}**" if cell.verdict in (CONFIRMED, CONTRADICTED, NOISE_SHOWN) else cell.verdict
-    failed = sum(a.failed for a in exp.arms if a.arm in (cell.claim.arm, cell.claim.reference))
+    if cell.verdict == SAME_POLICY:
+        return f"{SAME_POLICY} (`{cell.claim.arm}` decays what `{cell.claim.reference}` decays here)"
+    arm = cell.stand_in or cell.claim.arm
+    failed = sum(a.failed for a in exp.arms if a.arm in (arm, cell.claim.reference))
     extra = f" ({failed} failed run{'s' * (failed > 1)})" if failed else ""
-    return f"{format_difference(cell.difference, exp.metric.scale)}{extra}: {v}"
+    text = f"{format_difference(cell.difference, exp.metric.scale)}{extra}: {_bold(cell.verdict)}"
+    if cell.holm is not None:
+        text += f"; Holm: {_bold(cell.holm)}"
+    if cell.smaller:
+        text += f"; *{SMALLER}*"
+    if cell.stand_in:
+        text += f" (`{cell.stand_in}` runs, the same policy here)"
+    return text
+
+
+def decay_time(exp: Experiment) -> float | None:
+    """D = sum of lr_t x weight decay over the whole schedule, as the runs recorded it (the same for
+    every run of a setting); None for records made before runs recorded it."""
+    for r in exp.runs:
+        history = r.get("history") or []
+        if r.get("status") == "ok" and history and isinstance(history[-1].get("decay_time"), (int, float)):
+            return float(history[-1]["decay_time"])
+    return None
 
 
 def mapping_table() -> str:
@@ -101,8 +201,10 @@ def claims_table(experiments: list[Experiment]) -> str:
     """A row per claim, a column per setting, and the legend that says what each column is."""
     head = "| claim | " + " | ".join(f"({i}) {e.label}, Δ {e.metric.unit}" for i, e in enumerate(experiments, 1))
     rows = [head + " |", "|---|" + "---|" * len(experiments)]
-    for claim in CLAIMS + (NOISE,):
-        rows.append(f"| {claim.text} | " + " | ".join(_cell_text(check(e, claim), e) for e in experiments) + " |")
+    cells = [check_setting(e) for e in experiments]
+    for i, claim in enumerate(CLAIMS + (NOISE,)):
+        rows.append(f"| {claim.text} | " + " | ".join(_cell_text(c[i], e) for c, e in zip(cells, experiments,
+                                                                                         strict=True)) + " |")
     return "\n".join(rows)
 
 
@@ -112,9 +214,11 @@ def settings_legend(experiments: list[Experiment]) -> str:
         seeds = sorted({s for a in e.arms for s in a.values})
         failed = sum(a.failed for a in e.arms)
         src = ", ".join(f"`{s}`" for s in e.sources) or "?"
+        d = decay_time(e)
         lines.append(f"- ({i}) {e.label}: {len(e.arms)} arms, seeds {', '.join(map(str, seeds)) or 'none'}, "
                      f"{sum(a.n for a in e.arms)} finished runs" + (f", {failed} failed" if failed else "") +
-                     f"; metric `{e.metric.key}`; from {src}")
+                     f"; metric `{e.metric.key}`" + (f"; decay time D = {d:.2f}" if d is not None else "") +
+                     f"; from {src}")
     return "\n".join(lines)
 
 
@@ -125,8 +229,13 @@ def claims_markdown(experiments: list[Experiment]) -> str:
         "Each cell: the paired difference in the column's unit, mean over seeds [95% t interval, n-1 degrees "
         "of freedom], the number of paired seeds, and the verdict: **confirmed** where the interval excludes 0 "
         "in the paper's direction, **contradicted** where it excludes 0 in the other direction, *not shown* "
-        "otherwise. The control row compares two arms with the same policy; its interval is the noise of "
-        "identical settings.", "",
+        "otherwise (\"not shown\" is not \"no effect\"). *Holm*: the same verdict after Holm's adjustment of the "
+        "paired t tests' p values over the setting's six claims (family-wise 5%); read a single confirmed or "
+        "contradicted cell whose Holm verdict is *not shown* as a lead, not a finding. *smaller than the "
+        "paper's*: the interval excludes the paper's smallest effect, 1 accuracy point in its direction. "
+        "*same policy*: the two arms decay the same parameters in that setting, so there is nothing to compare. "
+        "The control row compares two arms with the same policy; its interval is the noise of identical "
+        "settings.", "",
         settings_legend(experiments), "",
         "How the claims map to arms (the paper's categories to gammaguide's roles, as in docs/core.md):", "",
         mapping_table(),

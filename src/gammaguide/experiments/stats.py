@@ -29,6 +29,7 @@ class Difference:
     low: float | None  # the confidence interval; None when n < 2
     high: float | None
     confidence: float = CONFIDENCE
+    p: float | None = None  # two-sided p-value of the paired t test (mean 0); None when n < 2
 
     @property
     def has_interval(self) -> bool:
@@ -66,7 +67,29 @@ def paired_difference(arm: dict[int, float], reference: dict[int, float],
         return Difference(1, mean, None, None, None, confidence)
     sd = statistics.stdev(diffs)
     half = t_quantile(confidence, n - 1) * sd / math.sqrt(n)
-    return Difference(n, mean, sd, mean - half, mean + half, confidence)
+    return Difference(n, mean, sd, mean - half, mean + half, confidence, t_p_value(mean, sd, n))
+
+
+def t_p_value(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of the one-sample t test of ``n`` paired differences against 0."""
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm(p_values: dict[str, float], alpha: float = 1 - CONFIDENCE) -> set[str]:
+    """The hypotheses Holm's step-down procedure rejects at family-wise level ``alpha``: sorted by p,
+    the i-th smallest (from 0) is rejected while p <= alpha / (m - i), and none after the first that
+    is not."""
+    rejected: set[str] = set()
+    m = len(p_values)
+    for i, (name, p) in enumerate(sorted(p_values.items(), key=lambda kv: kv[1])):
+        if p > alpha / (m - i):
+            break
+        rejected.add(name)
+    return rejected
 
 
 def verdict(diff: Difference, direction: int) -> str:
