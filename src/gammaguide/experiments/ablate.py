@@ -42,7 +42,11 @@ class Protocol:
     config: TrainConfig
     seeds: tuple[int, ...]
     about: str
+    arms: tuple[str, ...] | None = None  # None: ARMS (or, for text, the arms that differ for the model)
 
+
+_D2 = TrainConfig(model="resnet20", epochs=10, weight_decay=1e-2, schedule="onecycle", epoch_test_subset=2000,
+                  precision="bf16", memory_format="channels_last", threads=1)
 
 PROTOCOLS = {
     "smoke": Protocol("smoke", TrainConfig(model="resnet20", epochs=1, subset=320, test_subset=200, batch_size=64,
@@ -54,6 +58,15 @@ PROTOCOLS = {
                     "8 arms x 3 paired seeds in about 2 hours on 2 CPU cores"),
     "gpu": Protocol("gpu", TrainConfig(model="resnet56", epochs=30, weight_decay=5e-4, schedule="cosine"), (0, 1),
                     "the paper's scale: full training set, deep ResNets; several runs at once on one GPU"),
+    # Issue 20's pre-registered CPU grids (results/*-resnet20-d2/PROTOCOL.md): decay time D = 1.97,
+    # the standard 200-epoch CIFAR recipe's, in 10 epochs; the fast path, one thread a run (--jobs 2).
+    "cifar100-d2": Protocol("cifar100-d2", _D2, tuple(range(8)),
+                            "CIFAR-100 (cifar100:PATH), all 50,000 images, ResNet-20, 10 epochs, weight decay 1e-2 "
+                            "(D = 1.97), bf16 + channels_last, one thread a run: 7 arms x 8 paired seeds",
+                            arms=ARMS[:-1]),
+    "cifar10-d2": Protocol("cifar10-d2", _D2, tuple(range(8)),
+                           "CIFAR-10, the same model and schedule as cifar100-d2: 4 arms x 8 paired seeds",
+                           arms=("no_gamma", "only:residual_last", "guidelines", "all")),
     # Text tasks (text_train.py): AdamW with decoupled weight decay, warm-up then decay.
     "sst2-smoke": Protocol("sst2-smoke", TextConfig(data="sst2", epochs=1, subset=320, test_subset=100, batch_size=32,
                                                     width=32, layers=1, heads=2, vocab_size=300, max_len=32,

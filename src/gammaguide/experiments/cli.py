@@ -103,8 +103,9 @@ def register(sub) -> None:
                        description="Run every arm (policy) with every seed into OUT/results.jsonl. A rerun skips "
                                    "finished runs; --shard i/n splits the grid between machines.",
                        epilog=_ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", default="smoke", help="smoke, cpu or gpu: the defaults of the grid (default smoke); "
-                   "text: sst2-smoke, sst2-cpu, multi30k-smoke, multi30k-gpu")
+    p.add_argument("--protocol", default="smoke",
+                   help="smoke, cpu, gpu, cifar100-d2 or cifar10-d2: the defaults of the grid (default smoke); "
+                        "text: sst2-smoke, sst2-cpu, multi30k-smoke, multi30k-gpu")
     _data_options(p, required=True)
     p.add_argument("--arms", help="comma-separated policies (default: the 8 arms of the ablation)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
@@ -252,7 +253,7 @@ def run_ablate(args) -> int:
     protocol = ablate.PROTOCOLS[args.protocol]
     _listed(args.arms, "--arms", "guidelines,no_gamma")
     _listed(args.seeds, "--seeds", "0,1,2")
-    arms = ablate.parse_arms(args.arms)
+    arms = ablate.parse_arms(args.arms) if args.arms else (protocol.arms or ablate.ARMS)
     seeds = ablate.parse_seeds(args.seeds, protocol.seeds)
     shard = ablate.parse_shard(args.shard)
     if args.jobs < 1:
