@@ -121,9 +121,13 @@ def numerics_main(args) -> int:
     for row in rows:
         m = statistics.median(rates[row])
         print(f"  {row[0]:8s} {row[1]:13s} {row[2]} thread(s) x {row[3]} job(s): {m:7.1f} img/s  ratio {m / base:.2f}")
-    if args.compile:
-        m = _numerics_rate(args.model, args.batch_size, args.seconds, "bf16", "channels_last", cores, compile=True)
-        print(f"  torch.compile, bf16 channels_last, {cores} threads: {m:7.1f} img/s  ratio {m / base:.2f}")
+    if args.compile:  # compiled against eager, each measured just before it, on all cores and on one
+        for threads in sorted({cores, 1}, reverse=True):
+            e = _numerics_rate(args.model, args.batch_size, args.seconds, "bf16", "channels_last", threads)
+            c = _numerics_rate(args.model, args.batch_size, args.seconds, "bf16", "channels_last", threads,
+                               compile=True)
+            print(f"  torch.compile, bf16 channels_last, {threads} thread(s): {c:7.1f} img/s, eager {e:7.1f}, "
+                  f"compiled / eager {c / e:.2f}, / today's path {c / base:.2f}")
     return 0
 
 
