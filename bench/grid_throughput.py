@@ -4,10 +4,10 @@
                                     [--compile] [--seconds 15] [--repeats 3] [--parts abc] [--vmap]
 
 (a) N separate runs the way ``gammaguide ablate --fuse 1 --jobs N`` runs them: N worker processes,
-    each with cpu_count // N threads, each a ``train.Trainer`` (one run), all training at once
+    each with cpu_count // N threads, each a ``trainer.Trainer`` of one run, all training at once
     (``--separate-jobs J``: as ``--jobs J`` runs them, J at a time);
 (b) one fused group of N runs in one process, as ``ablate --fuse N --jobs 1`` trains it
-    (``fused_train.FusedTrainer``; ``--compile``: torch.compile, compile time printed); with
+    (``trainer.Trainer`` of a group; ``--compile``: torch.compile, compile time printed); with
     ``--fused-jobs J``: J processes (cpu_count // J threads each) of N/J fused runs each, as
     ``ablate --fuse N/J --jobs J`` trains them;
 (c) one solo run in one process.
@@ -37,7 +37,8 @@ import torch
 
 from gammaguide.experiments.data import Dataset
 from gammaguide.experiments.distributed import DistContext
-from gammaguide.experiments.train import TrainConfig, Trainer
+from gammaguide.experiments.config import TrainConfig
+from gammaguide.experiments.trainer import Trainer
 
 ARMS = ("no_gamma", "only:residual_last", "only:scale_invariant", "only:shortcut", "only:stream", "guidelines",
         "all", "no_norm")
@@ -83,11 +84,9 @@ def solo_process(args, cfg: TrainConfig, threads: int, start_line, out) -> None:
 
 
 def fused_process(args, cfgs: list[TrainConfig], threads: int, start_line, out) -> None:
-    from gammaguide.experiments.fused_train import FusedTrainer
-
     torch.set_num_threads(threads)
     device = torch.device(args.device)
-    trainer = FusedTrainer(cfgs, synthetic(args.images), DistContext(0, 1, 0, device), progress=False,
+    trainer = Trainer(cfgs, synthetic(args.images), DistContext(0, 1, 0, device), progress=False,
                            compile=args.compile)
     trainer.steps_per_epoch = chunk = min(args.chunk, trainer.steps_per_epoch)
     if device.type == "cuda":
@@ -108,15 +107,13 @@ def vmap_process(args, n: int, threads: int, start_line, out) -> None:
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from gammaguide.experiments.fused_train import FusedTrainer
-
     torch.set_num_threads(threads)
     device = torch.device(args.device)
     # Build the group as (b) does (initial weights, batches), then stack its runs' states.
-    fz = FusedTrainer(configs(args, n), synthetic(args.images), DistContext(0, 1, 0, device), progress=False)
+    fz = Trainer(configs(args, n), synthetic(args.images), DistContext(0, 1, 0, device), progress=False)
     models = []
     for m in range(n):
-        run = copy.deepcopy(fz.run_model)
+        run = copy.deepcopy(fz.network.run_model)
         run.load_state_dict(fz.unfused_state(m))
         models.append(run)
     params, buffers = stack_module_state(models)

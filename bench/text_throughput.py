@@ -6,7 +6,7 @@ same process, CPU.
 Both loops train the same model (same initial weights) on the same synthetic token ids (lengths
 spread like SST-2's phrases, 2 to 50 tokens) in the same length-bucketed batches, with AdamW and
 the same cross-entropy loss. The plain loop is what one would write by hand: one parameter
-group, no schedule, no bookkeeping. gammaguide's loop (``TextTrainer.train_epoch``, what
+group, no schedule, no bookkeeping. gammaguide's loop (``Trainer.train_epoch``, what
 ``gammaguide train --data sst2:...`` runs) adds the policy's parameter groups, the warm-up and
 decay schedule, the per-epoch dropout seed, loss/accuracy/token accounting and the non-finite
 check. Epochs alternate between the two, the first of each pair alternating too (so drift in
@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from gammaguide.experiments.distributed import DistContext
 from gammaguide.experiments.text_data import CLS, ClassificationData, Tokens
-from gammaguide.experiments.text_train import TextConfig, TextTrainer, build_model, length_batches
+from gammaguide.experiments.config import TextConfig
+from gammaguide.experiments.text_task import build_model, length_batches
+from gammaguide.experiments.trainer import Trainer as TextTrainer
 
 
 def synthetic(n: int, vocab: int, seed: int = 0) -> Tokens:

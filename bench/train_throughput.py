@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from gammaguide.experiments.data import Augment, Dataset, epoch_plan
 from gammaguide.experiments.distributed import DistContext
-from gammaguide.experiments.train import TrainConfig, Trainer
+from gammaguide.experiments.config import TrainConfig
+from gammaguide.experiments.trainer import Trainer
 from gammaguide.models import create_model
 
 

@@ -79,7 +79,7 @@ def rate_for(rates: dict[tuple[int, bool], tuple[float, float]], g: int, compile
 
 
 def first_group(runs: int, n: int) -> int:
-    """The size of the largest group ``fused_grid.make_groups`` cuts ``runs`` into (at most n)."""
+    """The size of the largest group ``grid.make_groups`` cuts ``runs`` into (at most n)."""
     return math.ceil(runs / math.ceil(runs / n))
 
 

@@ -17,7 +17,9 @@ from dataclasses import replace
 import torch
 
 from gammaguide.experiments.distributed import DistContext
-from gammaguide.experiments.text_train import TextConfig, TextTrainer, load_data
+from gammaguide.experiments.config import TextConfig
+from gammaguide.experiments.text_task import load_data
+from gammaguide.experiments.trainer import Trainer as TextTrainer
 
 CANDIDATES = [("textcls_preln", 128, 2), ("textcls_postln", 128, 2), ("textcls_preln", 192, 3),
               ("textcls_preln", 128, 4)]
@@ -33,10 +35,10 @@ def main() -> int:
         trainer = TextTrainer(replace(base, model=model, width=width, layers=layers), data, ctx, progress=False)
         trainer.steps_per_epoch = 40
         trainer.train_epoch(0)
-        cpu, wall, tokens = time.process_time(), time.perf_counter(), trainer.train_tokens
+        cpu, wall, tokens = time.process_time(), time.perf_counter(), trainer.train_items[0]
         for epoch in (1, 2, 3):
             trainer.train_epoch(epoch)
-        cpu, wall, tokens = time.process_time() - cpu, time.perf_counter() - wall, trainer.train_tokens - tokens
+        cpu, wall, tokens = time.process_time() - cpu, time.perf_counter() - wall, trainer.train_items[0] - tokens
         print(f"{model} width {width}, {layers} layers: {tokens / cpu:.0f} tokens per CPU-second, "
               f"{tokens / wall:.0f} per wall-second", flush=True)
     return 0

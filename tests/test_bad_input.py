@@ -152,8 +152,8 @@ def test_schema_versions(tmp_path):
 
 
 def test_every_new_record_says_its_schema():
-    from gammaguide.experiments.ablate import failed_record
-    from gammaguide.experiments.train import TrainConfig
+    from gammaguide.experiments.config import TrainConfig
+    from gammaguide.experiments.trainer import failed_record
 
     record = failed_record(TrainConfig(), "why").to_json()
     assert record["schema"] == R.SCHEMA == 1 and R.SCHEMA in R.READABLE_SCHEMAS

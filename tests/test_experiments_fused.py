@@ -22,12 +22,13 @@ from gammaguide import models as M
 from gammaguide.cli import main
 from gammaguide.experiments import data as D
 from gammaguide.experiments import fused as FU
-from gammaguide.experiments import fused_grid as FG
+from gammaguide.experiments import grid as FG
 from gammaguide.experiments import results as R
 from gammaguide.experiments.data import Dataset, epoch_plan
 from gammaguide.experiments.distributed import DistContext
-from gammaguide.experiments.fused_train import FusedTrainer, unfuse_checkpoint
-from gammaguide.experiments.train import TrainConfig, Trainer
+from gammaguide.experiments.config import TrainConfig
+from gammaguide.experiments.fused import unfuse_checkpoint
+from gammaguide.experiments.trainer import Trainer, Trainer as FusedTrainer
 
 from experiment_helpers import interrupt_in_epoch_two, make_imagefolder
 

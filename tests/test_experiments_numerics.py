@@ -13,12 +13,12 @@ import torch
 from experiment_helpers import make_imagefolder
 
 from gammaguide import GammaGuideError
-from gammaguide.experiments import ablate, numerics
+from gammaguide.experiments import grid as ablate, numerics
 from gammaguide.experiments import data as D
 from gammaguide.experiments.data import Dataset
 from gammaguide.experiments.distributed import DistContext
-from gammaguide.experiments.text_train import TextConfig
-from gammaguide.experiments.train import TrainConfig, Trainer
+from gammaguide.experiments.config import TextConfig, TrainConfig
+from gammaguide.experiments.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = DistContext(0, 1, 0, torch.device("cpu"))

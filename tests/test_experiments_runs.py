@@ -17,10 +17,11 @@ import torch
 
 from gammaguide import GammaGuideError
 from gammaguide.cli import main
-from gammaguide.experiments import ablate, data as D, results as R
+from gammaguide.experiments import data as D, grid as ablate, results as R
 from gammaguide.experiments.distributed import DistContext
 from gammaguide.experiments.report import summarize, write_report
-from gammaguide.experiments.train import TrainConfig, Trainer, lr_factor
+from gammaguide.experiments.config import TrainConfig, lr_factor
+from gammaguide.experiments.trainer import Trainer
 
 from experiment_helpers import interrupt_in_epoch_two, make_imagefolder
 

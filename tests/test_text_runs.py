@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from gammaguide.cli import main
-from gammaguide.experiments import ablate, text_data as T
+from gammaguide.experiments import protocols as ablate, text_data as T
 from gammaguide.experiments.data import CACHE_ENV, DATA_ENV
 from gammaguide.experiments.distributed import DistContext
 from gammaguide.experiments.results import read_lines
-from gammaguide.experiments.text_train import (TextConfig, TextTrainer, default_arms, length_batches, load_data,
-                                               text_lr_factor)
+from gammaguide.experiments.config import TextConfig, text_lr_factor
+from gammaguide.experiments.text_task import default_arms, length_batches, load_data
+from gammaguide.experiments.trainer import Trainer as TextTrainer
 
 from text_helpers import make_multi30k, make_sst2
 

@@ -1,1 +1,3 @@
-"""Training and ablation harness (the paper's experiment). Not imported by the core library."""
+"""The experiment harness: tasks, one training loop, the ablation grid and its reports (docs/harness.md).
+
+The core library does not import it; only the command line (``gammaguide/cli.py``) registers its subcommands."""

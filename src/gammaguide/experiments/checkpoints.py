@@ -58,6 +58,15 @@ def load_checkpoint(path: Path | None, device: torch.device, owner: tuple[str, A
     return state if state.get(field) == value else None
 
 
+def checkpoint_members(path: str | os.PathLike) -> list[str] | None:
+    """The run keys a group checkpoint holds, without reading its tensors; None if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return list(state["members"])
+    except Exception:
+        return None
+
+
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """What every trainer's checkpoint holds besides its own records: the model, optimizer and
     scheduler states, under the keys ``restore_training_state`` reads."""

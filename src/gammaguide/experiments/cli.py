@@ -1,7 +1,9 @@
 """Subcommands of the experiments: train, ablate, report.
 
 Only argument definitions live at import time; torchvision, tqdm and matplotlib are imported
-when a command runs, so ``gammaguide inspect`` stays light.
+when a command runs, so ``gammaguide inspect`` stays light. The options every task takes are
+declared here, each task's own in its class (``Task.options``); ``train`` and ``ablate`` are the
+same for every task: the task comes from ``--data`` (``tasks.for_spec``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from ..errors import GammaGuideError
+from ..policy import resolve_policy
+from .tasks import TASKS, for_config, for_spec
 
 _TRAIN_EXAMPLES = """\
 examples:
@@ -51,38 +55,34 @@ def _data_options(p: argparse.ArgumentParser, *, required: bool) -> None:
                         "(default: $GAMMAGUIDE_DATA)")
 
 
-def _run_options(p: argparse.ArgumentParser, *, defaults_from_protocol: bool) -> None:
-    """Options shared by train and ablate. For ablate they default to the protocol's values
-    (None here means: take the protocol's)."""
-    d = (lambda v: None) if defaults_from_protocol else (lambda v: v)
-    p.add_argument("--model", default=d("resnet20"), help="a built-in model (default resnet20; ablate: protocol's)")
-    p.add_argument("--depth", type=int, metavar="N", help="CIFAR ResNet depth 6n+2 (20, 56, 110): sets --model resnetN")
-    p.add_argument("--epochs", default=d("15"), metavar="E",
-                   help="epochs (ablate: an integer, or 'auto' with --time-budget)")
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Options of train and ablate; None means: the protocol's value (ablate) or the config's (train)."""
+    p.add_argument("--model", help="a built-in model (default resnet20; ablate: protocol's)")
+    p.add_argument("--epochs", metavar="E", help="epochs (ablate: an integer, or 'auto' with --time-budget)")
     p.add_argument("--subset", type=int, metavar="N", help="a fixed, class-balanced subset of N training images")
     p.add_argument("--test-subset", type=int, metavar="N", help="a fixed, class-balanced subset of N test images")
-    p.add_argument("--batch-size", type=int, default=d(128))
-    p.add_argument("--lr", type=float, default=d(0.1), help="peak learning rate (default 0.1)")
-    p.add_argument("--weight-decay", type=float, default=d(5e-4), help="L2 strength for what the policy decays")
-    p.add_argument("--momentum", type=float, default=d(0.9))
-    p.add_argument("--nesterov", action="store_true", default=None)
-    p.add_argument("--schedule", choices=("cosine", "onecycle", "linear"), default=d("cosine"),
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1)")
+    p.add_argument("--weight-decay", type=float, help="L2 strength for what the policy decays")
+    p.add_argument("--schedule", choices=("cosine", "onecycle", "linear"),
                    help="cosine, onecycle (images); linear or cosine after a warm-up (text)")
-    p.add_argument("--warmup-epochs", type=float, default=d(0.0), help="linear warm-up (cosine schedule)")
-    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up (cosine schedule)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--precision", choices=("float32", "bf16"), default=None,
-                   help="float32, or bf16 autocast (default: bf16 on CUDA, float32 on the CPU); recorded in the key")
-    p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
-                   help="images: memory format of activations (default: channels_last on CUDA, contiguous on the "
-                        "CPU); recorded in the key")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads of each run, recorded in the key so that --jobs cannot change a run's numbers "
                         "(default: the cores shared by the runs at once, not in the key)")
     p.add_argument("--out", required=True, metavar="DIR", help="results go to DIR/results.jsonl")
-    from .text_cli import add_options
-
-    add_options(p)
+    seen: set[str] = set()
+    for task in TASKS:
+        group = p.add_argument_group(f"{task.label} tasks ({task.about})")
+        for o in task.options:
+            if o.flag in seen:
+                continue
+            seen.add(o.flag)
+            if o.store_true:
+                group.add_argument(o.flag, dest=o.field, action="store_true", default=None, help=o.help)
+            else:
+                group.add_argument(o.flag, dest=o.field, type=o.type, choices=o.choices, default=None, help=o.help)
 
 
 def register(sub) -> None:
@@ -95,7 +95,7 @@ def register(sub) -> None:
     _data_options(p, required=True)
     p.add_argument("--policy", default="guidelines", help="guidelines, all, no_norm, no_gamma or only:<role>")
     p.add_argument("--seed", type=int, default=0, help="fixes the initial weights and the batches (default 0)")
-    _run_options(p, defaults_from_protocol=True)  # None: TrainConfig's (or TextConfig's) default
+    _run_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
@@ -104,8 +104,8 @@ def register(sub) -> None:
                                    "finished runs; --shard i/n splits the grid between machines.",
                        epilog=_ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", default="smoke",
-                   help="smoke, cpu, gpu, cifar100-d2 or cifar10-d2: the defaults of the grid (default smoke); "
-                        "text: sst2-smoke, sst2-cpu, multi30k-smoke, multi30k-gpu")
+                   help="the defaults of the grid: " + "; ".join(f"{t.label}: {', '.join(t.protocols)}" for t in TASKS)
+                   + " (default: the data's first)")
     _data_options(p, required=True)
     p.add_argument("--arms", help="comma-separated policies (default: the 8 arms of the ablation)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
@@ -121,7 +121,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints of runs in flight "
                    "(default OUT/checkpoints; each is deleted when its run is finished)")
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report.md when the grid is complete")
-    _run_options(p, defaults_from_protocol=True)
+    _run_options(p)
     p.set_defaults(func=run_ablate)
 
     p = sub.add_parser("report", help="claims table, markdown report and plots from results files",
@@ -155,29 +155,57 @@ def _int_epochs(text: str) -> int:
     return value
 
 
-def _config_from(args, base):
-    """``base`` (a TrainConfig) with every option the user gave."""
-    from .text_cli import reject_text_options
-    from .train import TrainConfig
-
-    reject_text_options(args)
+def _config_from(args, base, task):
+    """``base`` (the task's config) with every option the user gave; another task's option is an error."""
+    own = {o.flag for o in task.options}
+    given = [(t, o) for t in TASKS if t is not task for o in t.options
+             if o.flag not in own and getattr(args, o.field, None) is not None]
+    for _, o in given:
+        if o.refusal:
+            raise GammaGuideError(o.refusal)
+    if given:
+        flags = list(dict.fromkeys(o.flag for _, o in given))
+        raise GammaGuideError(f"{', '.join(flags)} apply to {given[0][0].about}; leave "
+                              f"{'them' if len(flags) > 1 else 'it'} out for {task.a_model}")
     changes = {}
-    names = {f.name for f in fields(TrainConfig)}
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and name not in ("epochs", "policy", "seed"):
-            changes[name] = value
-    if args.depth is not None:
-        changes["model"] = f"resnet{args.depth}"
-    if args.data:
-        changes["data"] = args.data
-    cfg = replace(base, **changes)
-    from ..models import MODELS
+    for f in fields(base):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in ("epochs", "policy", "seed"):
+            changes[f.name] = value
+    return task.adjust(replace(base, **changes), args)
 
-    if cfg.model not in MODELS:
-        raise GammaGuideError(f"unknown --model {cfg.model!r}" + (" (--depth must be 6n+2: 20, 32, 44, 56, 110)"
-                              if args.depth is not None else "") + f"; built-in models: {', '.join(sorted(MODELS))}")
-    return cfg
+
+def parse_arms(text: str) -> tuple[str, ...]:
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    for a in arms:
+        resolve_policy(a)
+    if len(set(arms)) != len(arms):
+        raise GammaGuideError(f"--arms lists an arm twice: {text}")
+    return arms
+
+
+def parse_seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if not text:
+        return default
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds or any(s < 0 for s in seeds):
+        raise GammaGuideError(f"bad --seeds {text!r}: give non-negative integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if n < 1 or not 0 <= i < n:
+        raise GammaGuideError(f"bad --shard {text!r}: write i/n with 0 <= i < n, e.g. 0/4 for the first of 4")
+    return i, n
 
 
 def _writable_dir(text: str, flag: str = "--out") -> Path:
@@ -208,85 +236,84 @@ def _log(msg: str) -> None:
 
 
 def run_train(args) -> int:
-    from .distributed import init_distributed, load_dataset_once, shutdown
+    from .distributed import init_distributed, load_once, shutdown
     from .results import RESULTS_NAME
-    from .text_cli import is_text
-    from .train import TrainConfig, Trainer
+    from .trainer import Trainer, score
 
-    if is_text(args):
-        from .text_cli import run_train
-
-        return run_train(args)
-    cfg = _config_from(args, TrainConfig())
-    cfg = replace(cfg, epochs=_int_epochs(args.epochs or str(TrainConfig.epochs)), policy=args.policy,
-                  seed=args.seed)
+    task = for_spec(args.data)
+    base = task.default_config(args.data)
+    cfg = _config_from(args, base, task)
+    epochs = base.epochs if args.epochs is None else _int_epochs(args.epochs)
+    cfg = replace(cfg, epochs=epochs, policy=args.policy, seed=args.seed)
     cfg.check()
     _writable_dir(args.out)
     ctx = init_distributed(args.device)
     try:
-        data = load_dataset_once(ctx, cfg.data, args.data_dir, progress=not args.no_progress)
+        data = load_once(ctx, task, cfg, args.data_dir, progress=not args.no_progress)
         results = Path(args.out) / RESULTS_NAME
         trainer = Trainer(cfg, data, ctx, checkpoint=Path(args.out) / "checkpoints" / f"{cfg.key()}.pt",
                           progress=not args.no_progress, log=_log)
         record = trainer.run()
         trainer.save_result(record, results)
         if ctx.is_main:
-            _log(f"test accuracy {record.test_acc:.4f}; appended to {results}" if record.status == "ok"
+            _log(f"{score(record)}; appended to {results}" if record.status == "ok"
                  else f"run failed: {record.reason}; recorded in {results}")
         return 0 if record.status == "ok" else 1
     finally:
         shutdown(ctx)
 
 
-
 def run_ablate(args) -> int:
-    from . import ablate, fused_grid
+    from . import grid
     from .distributed import init_distributed, shutdown
-    from .text_cli import is_text
+    from .protocols import PROTOCOLS
 
-    if is_text(args):
-        from .text_cli import run_ablate
-
-        return run_ablate(args)
-    if args.protocol not in ablate.PROTOCOLS:
-        raise GammaGuideError(f"unknown --protocol {args.protocol!r}; use {', '.join(ablate.PROTOCOLS)}")
-    protocol = ablate.PROTOCOLS[args.protocol]
+    if args.protocol not in PROTOCOLS:
+        raise GammaGuideError(f"unknown --protocol {args.protocol!r}; use {', '.join(PROTOCOLS)}")
+    task, protocol = for_spec(args.data), PROTOCOLS[args.protocol]
+    if for_config(protocol.config) is not task:
+        if args.protocol != "smoke":
+            raise GammaGuideError(f"--protocol {args.protocol} is for {for_config(protocol.config).label} data, not "
+                                  f"{args.data}; use --protocol {' or '.join(task.protocols)}")
+        protocol = PROTOCOLS[task.protocols[0]]  # the default protocol, for this task
     _listed(args.arms, "--arms", "guidelines,no_gamma")
     _listed(args.seeds, "--seeds", "0,1,2")
-    arms = ablate.parse_arms(args.arms) if args.arms else (protocol.arms or ablate.ARMS)
-    seeds = ablate.parse_seeds(args.seeds, protocol.seeds)
-    shard = ablate.parse_shard(args.shard)
+    seeds = parse_seeds(args.seeds, protocol.seeds)
+    shard = parse_shard(args.shard)
     if args.jobs < 1:
         raise GammaGuideError(f"--jobs must be at least 1, got {args.jobs}")
-    base = _config_from(args, protocol.config)
+    base = _config_from(args, protocol.config, task)
     auto = args.epochs == "auto"
     if auto and not args.time_budget:
         raise GammaGuideError("--epochs auto needs --time-budget SECONDS (the wall time the grid may take)")
     if args.epochs is not None and not auto:
         base = replace(base, epochs=_int_epochs(args.epochs))
     base.check()
+    arms = parse_arms(args.arms) if args.arms else (protocol.arms or task.default_arms(base, _log))
     _writable_dir(args.out)
     if args.checkpoint_dir:
         _writable_dir(args.checkpoint_dir, "--checkpoint-dir")
-    fuse = fused_grid.parse_fuse(args.fuse)
+    fuse = grid.parse_fuse(args.fuse)
     ctx = init_distributed(args.device)
     try:
         if ctx.distributed and args.jobs > 1:
             raise GammaGuideError("--jobs runs worker processes of its own; under torchrun use --jobs 1")
-        runs = len(ablate.grid(base, arms, seeds)[shard[0]::shard[1]])
-        fuse = fused_grid.resolve_fuse(fuse, base, runs, args.jobs, ctx, args.data_dir, log=_log)
+        if ctx.distributed and not task.distributed:
+            raise GammaGuideError(f"{task.label} grids run in one process; use --jobs N for runs at once, not torchrun")
+        runs = len(grid.grid(base, arms, seeds)[shard[0]::shard[1]])
+        fuse = grid.resolve_fuse(fuse, base, runs, args.jobs, ctx, args.data_dir, log=_log, compile=args.compile)
         if args.compile and fuse == 1:
             raise GammaGuideError("--compile compiles fused groups: give --fuse N with N > 1 (here it is 1)")
         if auto:
-            base = replace(base, epochs=ablate.auto_epochs(base, runs, args.jobs, args.time_budget,
-                                                           data_dir=args.data_dir, device=args.device, log=_log,
-                                                           fuse=fuse, compile=args.compile))
-        configs = ablate.grid(base, arms, seeds)
-        _log(f"protocol {protocol.name}: {len(arms)} arms x {len(seeds)} seeds, {base.model} on {base.data}, "
-             f"{base.epochs} epochs, weight decay {base.weight_decay}")
-        ablate.run_grid(configs, args.out, data_dir=args.data_dir, device=args.device, shard=shard,
-                        jobs=args.jobs, retry_failed=args.retry_failed, ctx=ctx, checkpoints=args.checkpoint_dir,
-                        log=_log, fuse=fuse, compile=args.compile)
+            base = replace(base, epochs=grid.auto_epochs(base, runs, args.jobs, args.time_budget,
+                                                         data_dir=args.data_dir, device=args.device, log=_log,
+                                                         fuse=fuse, compile=args.compile))
+        configs = grid.grid(base, arms, seeds)
+        _log(f"protocol {protocol.name}: {len(arms)} arms ({', '.join(arms)}) x {len(seeds)} seeds, {base.model} on "
+             f"{base.data}, {base.epochs} epochs, {task.optimizer_name} weight decay {base.weight_decay}")
+        grid.run_grid(configs, args.out, data_dir=args.data_dir, device=args.device, shard=shard, jobs=args.jobs,
+                      retry_failed=args.retry_failed, ctx=ctx, checkpoints=args.checkpoint_dir, log=_log, fuse=fuse,
+                      compile=args.compile)
         if ctx.is_main and not args.no_report and shard == (0, 1):
             _report_if_complete(configs, Path(args.out))
         return 0

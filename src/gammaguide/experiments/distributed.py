@@ -84,16 +84,14 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def load_dataset_once(ctx: DistContext, spec: str, data_dir=None, *, progress: bool = True):
-    """Rank 0 decodes the dataset (or reads its cache) first; the other ranks then read the cache
-    rather than decoding the same files at the same time."""
-    from .data import load_dataset
-
+def load_once(ctx: DistContext, task: Any, cfg: Any, data_dir: str | None = None, *, progress: bool = True) -> Any:
+    """``task.load(cfg)``: rank 0 decodes the dataset (or reads its cache) first; the other ranks then
+    read the cache rather than decoding the same files at the same time."""
     if ctx.is_main:
-        data = load_dataset(spec, data_dir, progress=progress)
+        data = task.load(cfg, data_dir, progress=progress)
     barrier(ctx)
     if not ctx.is_main:
-        data = load_dataset(spec, data_dir, progress=False)
+        data = task.load(cfg, data_dir, progress=False)
     return data
 
 

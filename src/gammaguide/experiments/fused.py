@@ -17,20 +17,22 @@ per-group weight decay computes. State dicts and momentum buffers unfuse by a sh
 (``unfuse_tensor``): a fused tensor with one more dimension than the run's is stacked, one with
 the same number is concatenated along dimension 0, a scalar is shared.
 
-This module holds the model side (fuse, unfuse, decay tensors, the fusability check); the
-training loop of a group is ``fused_train.py``.
+This module holds the model side (fuse, unfuse, decay tensors, the fusability check); a group is
+trained by the one training loop (``trainer.py``) through ``network.Fused``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+import os
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GammaGuideError
+from ..models import create_model
 
 
 class FusedLinear(nn.Module):
@@ -133,6 +135,23 @@ def fuse_states(fused: nn.Module, states: list[dict[str, torch.Tensor]]) -> None
     fused.load_state_dict(merged)
 
 
+def unfuse_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Run key -> {"model": its state dict, "momentum": {parameter name: buffer}} from a group
+    checkpoint: what each run would have saved alone."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    run_state, n = state["run_state"], len(state["members"])
+    out = {}
+    for m, key in enumerate(state["members"]):
+        model = unfuse_state(state["model"], n, m, run_state)
+        momentum = {}
+        for i, name in enumerate(state["param_names"]):  # the optimizer numbers them in this order
+            buf = state["optimizer"]["state"].get(i, {}).get("momentum_buffer")
+            if buf is not None:
+                momentum[name] = unfuse_tensor(buf, n, m, run_state[name]).clone()
+        out[key] = {"model": {k: v.clone() for k, v in model.items()}, "momentum": momentum}
+    return out
+
+
 def unfuse_state(fused_state: dict[str, torch.Tensor], n: int, m: int,
                  run_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Run m's state dict (views into ``fused_state``), with ``run_state`` giving the shapes."""
@@ -211,6 +230,18 @@ def _block_variances(t, n: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- the fusability check
+
+
+_CHECKED: set[str] = set()  # models whose fusability was checked in this process
+
+
+def check_model_fuses(name: str, num_classes: int) -> None:
+    """Once per process and model: raise ``GammaGuideError`` naming what keeps it from fusing."""
+    if name in _CHECKED:
+        return
+    torch.manual_seed(0)
+    check_fusable(create_model(name, num_classes=num_classes), torch.randn(2, 3, 32, 32))
+    _CHECKED.add(name)
 
 
 def check_fusable(template: nn.Module, example: torch.Tensor, n: int = 2) -> None:

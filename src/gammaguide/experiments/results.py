@@ -16,7 +16,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +35,42 @@ class Skipped:
     path: Path
     line: int
     why: str  # "corrupt or truncated" or "schema version N, unknown to this gammaguide"
+
+
+@dataclass
+class RunRecord:
+    """What one run leaves in the results file (as one JSON line)."""
+
+    key: str
+    arm: str
+    seed: int
+    status: str  # "ok" | "failed"
+    reason: str | None
+    test_acc: float | None
+    model: str
+    data: str
+    epochs: int
+    settings: dict[str, Any]
+    schema: int = SCHEMA  # the format of this record; records without one are version 1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    roles: dict[str, dict[str, int]] = field(default_factory=dict)  # role -> {"count", "decayed"}
+    train_images_per_s: float | None = None
+    wall_s: float | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TextRunRecord(RunRecord):
+    """A text run's line: the image record's fields plus the primary metric's name and BLEU."""
+
+    metric: str = "test_acc"
+    test_bleu: float | None = None
+    bleu_signature: str | None = None
+    train_tokens_per_s: float | None = None
+    hypotheses: list[str] | None = None  # translation: the final test-set output, to rescore elsewhere
 
 
 def run_key(settings: dict[str, Any]) -> str:

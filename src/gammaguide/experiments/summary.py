@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .ablate import ARMS
+from .protocols import ARMS
 from .stats import Difference, paired_difference
 
 BASELINE, ALL, NO_NORM = "no_gamma", "all", "no_norm"
