@@ -21,6 +21,16 @@ from gammaguide.models import BasicBlock, Bottleneck, PreActBlock
 pytestmark = pytest.mark.usefixtures("forward_pass")
 
 GUIDELINE_DECAY = {"residual_last", "scale_invariant"}
+# The paper's categories (Kim et al., Table 1) and what the evidence of each role must say, written
+# out here rather than read from gammaguide.
+PAPER = {"residual_last": "last", "scale_invariant": "others", "shortcut": "down", "stream": "first", "head": None}
+EVIDENCE = {
+    "residual_last": "reaches the residual add in {block} on the branch side",
+    "scale_invariant": "every path meets another normalization first",
+    "shortcut": "lies inside the skip path of the residual add in {block}",
+    "stream": "its output is the skip (identity) input of the residual add in {block}",
+    "head": "reaches the model output",
+}
 
 
 def expected_roles(model: models.ResNet) -> dict[str, str]:
@@ -70,12 +80,17 @@ def test_every_gamma_has_its_structural_role(name, reports, roles):
 def test_entry_fields_follow_role_and_guidelines(name, reports):
     model, report = reports[name]
     modules = dict(model.named_modules())
+    exp = expected_roles(model)
     for e in report.entries:
         assert e.param_name == f"{e.module_name}.weight"
         assert e.norm_type == type(modules[e.module_name]).__name__ == "BatchNorm2d"
-        assert e.paper_category == gg.PAPER_CATEGORY[e.role]
+        assert e.role == exp[e.param_name]
+        assert e.paper_category == PAPER[e.role]
         assert e.decay == (e.role in GUIDELINE_DECAY)
-        assert e.reason
+        # The block whose sum decides: the norm's own for a branch or a projection shortcut, the
+        # first block for the stem.
+        block = "layers.0.0" if e.role == "stream" else e.module_name.rsplit(".", 1)[0].removesuffix(".shortcut")
+        assert e.reason.startswith(EVIDENCE[e.role].format(block=block)), (e.param_name, e.reason)
 
 
 def test_resnet20_counts_match_he_et_al(reports):

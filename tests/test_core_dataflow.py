@@ -357,6 +357,37 @@ def test_registry_recognises_known_classes_without_the_behavioural_rule(roles):
     assert any("module '0.norm' (AbsNorm) looks like a normalization" in str(w.message) for w in record)
 
 
+def registry_norm(gamma: str, beta: str) -> type:
+    """A class the registry knows by name (``RMSNorm``, as Apex, Megatron and many ports call theirs)
+    holding its γ and β under the attribute names ``gamma`` and ``beta``. It normalizes by the mean
+    absolute value, which the behavioural rule does not know: only the registry can find it."""
+
+    def __init__(self, d=D):
+        nn.Module.__init__(self)
+        setattr(self, gamma, nn.Parameter(torch.ones(d)))
+        setattr(self, beta, nn.Parameter(torch.zeros(d)))
+
+    def forward(self, x):
+        return x / (x.abs().mean(-1, keepdim=True) + 1e-6) * getattr(self, gamma) + getattr(self, beta)
+
+    return type("RMSNorm", (nn.Module,), {"__init__": __init__, "forward": forward})
+
+
+# The names a registry norm's γ and β go by: ``weight``/``bias`` (PyTorch, Hugging Face), ``scale``
+# (Flax's LayerNorm and RMSNorm, so a ported model keeps ``self.scale``), ``gamma``/``beta`` (Keras,
+# lucidrains), ``g``/``b`` (x-transformers), ``shift``.
+@pytest.mark.parametrize("gamma, beta", [("weight", "bias"), ("scale", "shift"), ("gamma", "beta"), ("g", "b")])
+def test_a_registry_norm_finds_its_gamma_and_beta_under_every_usual_name(gamma, beta, roles):
+    assert "RMSNorm" in norms.KNOWN_NORM_CLASSES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = gg.analyze(pre_ln(registry_norm(gamma, beta)), SEQ)
+    assert roles(report) == {f"{m}.{gamma}": r for m, r in PRE_LN_ROLES.items()}
+    assert {e.norm_type for e in report.entries} == {"RMSNorm"}
+    kinds = {p.name: p.kind for p in report.params}
+    assert {kinds[f"{m}.{beta}"] for m in PRE_LN_ROLES} == {"beta"}
+
+
 def test_register_norm_class(monkeypatch, roles):
     monkeypatch.setattr(norms, "KNOWN_NORM_CLASSES", norms.KNOWN_NORM_CLASSES)  # restored after the test
     cls = renamed(AbsScale, "MyAbsNorm")

@@ -196,13 +196,29 @@ def test_lr_scale_with_and_without_base_lr(zoo):
     assert by_scale == {0.5: set(stream), 2.0: {id(zoo.bn2.weight), id(zoo.bn5.weight)}}
 
 
-def test_groups_work_with_torch_optimizers(zoo):
-    model = Zoo()
-    for make in (lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), lambda g: torch.optim.AdamW(g, lr=1e-3)):
-        opt = make(gg.param_groups(model, WD, X))
-        model(X).sum().backward()
-        opt.step()
-        opt.zero_grad()
+@pytest.mark.parametrize("make", [lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9),
+                                  lambda g: torch.optim.AdamW(g, lr=0.1)], ids=["SGD", "AdamW"])
+def test_groups_work_with_torch_optimizers(make):
+    """A step with zero gradients moves a parameter by its weight decay alone: the optimizer must
+    shrink each parameter the policy decays by 1 - lr * weight_decay (SGD's L2 term and AdamW's
+    decoupled decay alike) and leave every other one, frozen ones included, as it was."""
+    model, lr, wd = Zoo(), 0.1, 0.5
+    opt = make(gg.param_groups(model, wd, X))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    shrunk = []
+    for name, p in model.named_parameters():
+        decayed = name in Zoo.KINDS and name != "pos" and expected_decay("guidelines", Zoo.KINDS[name],
+                                                                         Zoo.ROLES.get(name))
+        want = before[name] * (1 - lr * wd) if decayed else before[name]
+        assert torch.allclose(p.detach(), want, rtol=1e-6, atol=0), name
+        shrunk += [name] * decayed
+    assert sorted(shrunk) == sorted([*(f"{c}.weight" for c in ("stem", "conv1", "conv2", "conv3", "conv4", "conv5",
+                                                                "proj", "fc")),
+                                     "bn1.weight", "bn2.weight", "bn4.weight", "bn5.weight"])
 
 
 def test_other_1d_params_listed_apart(zoo):

@@ -192,6 +192,34 @@ def test_a_lazy_module_stays_lazy():
     assert torch.equal(out, fresh(X))  # initialized by its first real call, as if never analyzed
 
 
+class Sets(Lazy):
+    """Sets forward fills: the devices and sizes it has seen (on the meta pass, a "meta" device), and
+    a set inside a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices: set[str] = set()
+        self.seen = {"sizes": {3}}
+
+    def forward(self, x):
+        self.devices.add(x.device.type)
+        self.seen["sizes"].add(x.shape[-1])
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("filled", [False, True])
+def test_sets_forward_fills_are_left_as_they_were(entry, filled):
+    model = Sets()
+    if filled:
+        model(X)  # the user's own call: {"cpu"} and {3, 8}
+    devices, sizes = model.devices, model.seen["sizes"]
+    want = ({"cpu"}, {3, 8}) if filled else (set(), {3})
+    call(entry, model, X)
+    assert model.devices is devices and model.seen["sizes"] is sizes
+    assert (devices, sizes) == want
+
+
 def test_torchvisions_anchor_generator_keeps_its_anchors():
     """Detection models rebuild their anchors on the input's device in every forward pass."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator

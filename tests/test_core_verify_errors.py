@@ -59,6 +59,36 @@ def test_verify_not_applicable_cases():
     assert all(c.result in ("pass", "fail", "not_applicable") for c in by_name.values())
 
 
+class OneNormTwoSums(nn.Module):
+    """One BN ends the branches of two residual sums: through a bias-free 1x1 conv into the first,
+    through ``second`` (with or without a bias) into the second."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.first, self.second = nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 4, 1, bias=bias)
+        if bias:
+            nn.init.constant_(self.second.bias, 0.5)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return x + self.first(h), x + self.second(h)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_verify_a_gamma_that_ends_the_branches_of_two_sums(bias):
+    """Zeroing γ and β must zero its branch of every sum it ends: the largest of the branches
+    counts. With a bias in the second branch only the first is zeroed, so nothing can be checked."""
+    (check,) = gg.verify(OneNormTwoSums(bias), torch.randn(4, 4, 8, 8))
+    assert (check.param_name, check.role) == ("bn.weight", "residual_last")
+    if bias:
+        assert check.result == "not_applicable", check
+        assert check.detail == "branch does not map zero to zero: convolution with a bias in second"
+    else:
+        assert check.result == "pass", check
+        assert check.detail == "zeroing γ and β zeroed its branch of 2 residual sum(s)"
+
+
 def test_verify_refuses_meta_models():
     with torch.device("meta"):
         model = models.create_model("resnet20")

@@ -1,0 +1,159 @@
+"""Walks from a normalization's output (walks.py) and the role they decide (roles.py): which role
+wins when walks disagree, and that a walk that stops early still finds the strongest one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gammaguide as gg
+from gammaguide import models
+from gammaguide.analysis import trace_model
+from gammaguide.roles import evidence, strongest
+
+# Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
+pytestmark = pytest.mark.usefixtures("forward_pass")
+
+X = torch.randn(2, 4, 8, 8)
+
+# The order docs/core.md and the README give, written out here (not read from the code): when walks
+# disagree, the role that protects the skip path wins.
+PRIORITY = ("stream", "shortcut", "residual_last", "head", "merged", "scale_invariant")
+
+
+def conv_bn(c: int = 4) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+
+class BranchAndOutput(nn.Module):
+    """The γ's output ends the block's branch and is also returned (a feature the caller keeps, as
+    a multi-exit network or a feature pyramid does): the walk to the output is a head, the walk to
+    the sum a residual_last, and residual_last is stronger."""
+
+    def __init__(self, output_first: bool):
+        super().__init__()
+        self.block, self.output_first = conv_bn(), output_first
+
+    def forward(self, x):
+        b = self.block(x)
+        return (b, x + b) if self.output_first else (x + b, b)
+
+
+class BranchThenSkip(nn.Module):
+    """The γ's output ends the branch of one residual sum and is then the skip of a later one
+    (``x + h``, then ``h + f(h)``): it is the stream of the second block, and stream wins over the
+    residual_last found first (a walk must not stop at the first sum it meets)."""
+
+    def __init__(self, skip_first: bool = False):
+        super().__init__()
+        self.first, self.second, self.skip_first = conv_bn(), conv_bn(), skip_first
+
+    def forward(self, x):
+        h = self.first(x)
+        if self.skip_first:
+            z = h + self.second(h)
+            return z, x + h
+        y = x + h
+        return y, h + self.second(h)
+
+
+class OutputAndMixed(nn.Module):
+    """The γ's output is returned and also concatenated with other features that a conv mixes
+    before the next norm: head (reaches the output) beats merged."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.other = conv_bn(), conv_bn()
+        self.mix, self.norm = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.a(x)
+        return a, self.norm(self.mix(torch.cat([a, self.other(x)], 1)))
+
+
+class MixedAndNormalized(nn.Module):
+    """The γ's output goes straight into one norm (scale-invariant there) and, concatenated with
+    other features and mixed by a conv, into another (merged there): merged wins."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.other = conv_bn(), conv_bn()
+        self.direct = conv_bn()
+        self.mix, self.norm = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.direct(a) + self.norm(self.mix(torch.cat([a, self.other(x)], 1)))
+
+
+@pytest.mark.parametrize("output_first", [True, False])
+def test_a_branch_end_that_is_also_returned_is_residual_last(output_first, roles):
+    report = gg.analyze(BranchAndOutput(output_first), X)
+    assert roles(report) == {"block.1.weight": "residual_last"}
+    assert "branch side" in report.entries[0].reason
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_a_branch_end_that_is_then_a_skip_is_the_stream(skip_first, roles):
+    report = gg.analyze(BranchThenSkip(skip_first), X)
+    assert roles(report) == {"first.1.weight": "stream", "second.1.weight": "residual_last"}
+    assert "skip (identity) input" in report.entries[0].reason
+    assert len(report.residual_adds) == 2
+
+
+def test_a_returned_output_that_is_also_mixed_is_head(roles):
+    report = gg.analyze(OutputAndMixed(), X)
+    assert roles(report) == {"a.1.weight": "head", "other.1.weight": "merged", "norm.weight": "head"}
+
+
+def test_a_norm_reached_directly_and_after_mixing_is_merged(roles):
+    report = gg.analyze(MixedAndNormalized(), X)
+    assert roles(report) == {"a.1.weight": "merged", "other.1.weight": "merged", "direct.1.weight": "head",
+                             "norm.weight": "head"}
+
+
+def test_strongest_follows_the_documented_priority():
+    for i, weaker in enumerate(PRIORITY):
+        for stronger in PRIORITY[:i]:
+            outcomes = {weaker: "w", stronger: "s"}
+            assert strongest(outcomes) == (stronger, "s"), (stronger, weaker)
+            assert strongest(dict(reversed(outcomes.items()))) == (stronger, "s")
+    assert strongest({}) == ("unused", "its output reaches no normalization, residual addition or model output")
+
+
+def _early_and_full(model: nn.Module, x) -> list[tuple[str, str, str]]:
+    """For every use of every γ: the role (and evidence) of the walk that stops once the role is
+    decided, next to that of the walk that runs to the end, where they differ."""
+    traced = trace_model(model, x)
+    df = traced.flow
+    nodes = sorted({u for us in df.uses().values() for u in us})
+    assert nodes
+    differ = []
+    for u in nodes:
+        early = strongest(df.walk(u))
+        full = strongest(evidence(df.flow, df.events(u)))
+        if early[0] != full[0] or (early[0] not in ("merged", "scale_invariant") and early != full):
+            differ.append((df.name(u), early, full))
+    return differ
+
+
+EARLY_STOP_MODELS = {
+    "resnet20": (lambda: models.create_model("resnet20"), torch.randn(1, 3, 8, 8)),
+    "resnet50": (lambda: models.create_model("resnet50"), torch.randn(1, 3, 8, 8)),
+    "preact_resnet18": (lambda: models.create_model("preact_resnet18"), torch.randn(1, 3, 8, 8)),
+    "textcls_preln": (lambda: models.create_model("textcls_preln", vocab_size=32, width=16, layers=2),
+                      torch.arange(1, 7).view(1, 6)),
+    "textcls_postln": (lambda: models.create_model("textcls_postln", vocab_size=32, width=16, layers=2),
+                       torch.arange(1, 7).view(1, 6)),
+    "branch_then_skip": (lambda: BranchThenSkip(), X),
+    "branch_and_output": (lambda: BranchAndOutput(True), X),
+    "output_and_mixed": (lambda: OutputAndMixed(), X),
+    "mixed_and_normalized": (lambda: MixedAndNormalized(), X),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EARLY_STOP_MODELS))
+def test_a_walk_that_stops_early_finds_the_role_of_a_full_walk(name):
+    make, x = EARLY_STOP_MODELS[name]
+    assert _early_and_full(make(), x) == []
