@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 from gammaguide.experiments.results import read_lines
 from gammaguide.experiments.stats import paired_difference
@@ -26,7 +27,8 @@ def _by_arm_seed(path: str, ignore: set[str]) -> dict[tuple[str, int], dict]:
     for r in read_lines(path):
         if r.get("status") == "ok":
             s = {k: v for k, v in r["settings"].items() if k not in ignore}
-            out[(r["arm"], r["seed"])] = {"acc": r["test_acc"], "settings": s, "env": r.get("environment", {})}
+            out[(r["arm"], r["seed"])] = {"acc": r["test_acc"], "settings": s, "env": r.get("environment", {}),
+                                          "data": r["settings"]["data"]}
     return out
 
 
@@ -37,14 +39,17 @@ def main() -> int:
     p.add_argument("--arm", default="only:residual_last")
     p.add_argument("--reference", default="no_gamma")
     args = p.parse_args()
-    ignore = {"precision", "memory_format", "threads", "policy", "seed"}
+    # The data may be named by another path to the same folder (the spec is compared by its last part).
+    ignore = {"precision", "memory_format", "threads", "policy", "seed", "data"}
     fast, ref = _by_arm_seed(args.fast, ignore), _by_arm_seed(args.reference_numerics, ignore)
     seeds = sorted({s for (a, s) in fast if a == args.arm} & {s for (a, s) in fast if a == args.reference}
                    & {s for (a, s) in ref if a == args.arm} & {s for (a, s) in ref if a == args.reference})
     if not seeds:
         raise SystemExit("no seed has both arms in both files")
     first = (args.arm, seeds[0])
-    print(f"settings equal apart from numerics: {fast[first]['settings'] == ref[first]['settings']}")
+    same_data = Path(fast[first]["data"].partition(":")[2]).name == Path(ref[first]["data"].partition(":")[2]).name
+    print(f"settings equal apart from numerics: {fast[first]['settings'] == ref[first]['settings'] and same_data} "
+          f"(data {fast[first]['data']} and {ref[first]['data']})")
     keys = ("precision", "memory_format", "threads")
     print(f"fast numerics: {({k: fast[first]['env'].get(k) for k in keys})}")
     print(f"reference numerics: {({k: ref[first]['env'].get(k, '(unset: float32, contiguous)') for k in keys})}")
@@ -60,8 +65,12 @@ def main() -> int:
         print(f"| {s} | {a32:.2f} | {af:.2f} | {r32:.2f} | {rf:.2f} | {d_ref[s]:+.2f} | {d_fast[s]:+.2f} | "
               f"{d_fast[s] - d_ref[s]:+.2f} |")
     dd = paired_difference(d_fast, d_ref)
-    print(f"\nΔ float32: mean {statistics.fmean(d_ref.values()):+.2f}; "
-          f"Δ fast: mean {statistics.fmean(d_fast.values()):+.2f}")
+    zero = {s: 0.0 for s in seeds}
+    for name, d in (("float32", d_ref), ("fast", d_fast)):
+        ci = paired_difference(d, zero)
+        where = f" [{ci.low:+.2f}, {ci.high:+.2f}]" if ci.has_interval else ""
+        print(f"\nΔ {name} ({args.arm} − {args.reference}): {ci.mean:+.2f}{where}, n={ci.n}", end="")
+    print()
     if dd.has_interval:
         print(f"Δ fast − Δ float32: {dd.mean:+.2f} [{dd.low:+.2f}, {dd.high:+.2f}] points, n={dd.n} "
               f"({'changed: the interval excludes 0' if dd.excludes_zero else 'not shown to change'})")
