@@ -127,10 +127,35 @@ def _one_pass(inner: nn.Module, args: tuple, kwargs: dict, tree: ModuleTree, obs
         try:
             return trace(inner, args, kwargs, modules=tree.every, on_meta=True), "meta"
         except Exception:
+            _refuse_quantized(inner, tree)
             if on_meta:
                 raise
             # The forward pass needs values (see shapes.py): run it for real.
+    else:
+        _refuse_quantized(inner, tree)
     return trace(inner, args, kwargs, observe_adds=observe_adds, modules=tree.every), "real"
+
+
+# Where the modules of an int8 model live (eager-mode static quantization; dynamic quantization keeps
+# the float normalizations, and its analysis needs nothing special).
+_QUANTIZED = ("torch.ao.nn.quantized.modules", "torch.ao.nn.intrinsic.quantized.modules", "torch.nn.quantized.modules",
+              "torch.nn.intrinsic.quantized.modules")
+
+
+def _refuse_quantized(inner: nn.Module, tree: ModuleTree) -> None:
+    """An int8 model (its convolutions' weights packed integers, on which no meta pass runs) has no
+    γ an optimizer trains: say what to analyze instead. Checked only when the meta pass failed."""
+    # (A dynamically quantized Linear holds its packed weights in a LinearPackedParams of that namespace too.)
+    found = next(((name, m) for name, m in tree.named_modules if type(m).__module__.startswith(_QUANTIZED)
+                  and not type(m).__name__.endswith("PackedParams") and type(m).__name__ != "DeQuantize"), None)
+    if found is not None:
+        name, m = found
+        raise GammaGuideError(
+            f"{type(inner).__name__} is a quantized model ('{name}' is a {m._get_name()}): its weights are packed "
+            f"int8 values that no optimizer trains, so there is no weight decay to decide. Analyze the float model "
+            f"before quantizing it (for quantization-aware training, the model torch.ao.quantization.prepare_qat "
+            f"returns)."
+        )
 
 
 def check_skip_list(skip_list: Any) -> tuple[str, ...]:
@@ -195,7 +220,7 @@ def build_report(
     for node, (g, b) in finding.functional.items():
         if g is not None and g in inner_params:
             owner = g.rsplit(".", 1)[0] if "." in g else ""
-            owner_mod = inner.get_submodule(owner) if owner else inner
+            owner_mod = tree.module(owner)
             label = finding.labels.get(node) or f"functional {op_label(base_name(graph.ops[node]))}"
             gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(owner_mod), owner), label))
         if b is not None and b in inner_params:
@@ -208,6 +233,7 @@ def build_report(
     params: list[ParamInfo] = []
     decided: dict[tuple[str, str | None], bool] = {}
     warns = list(finding.warnings)
+    unreached: list[str] = []  # normalizations the forward pass never ran
     shapes = traced.shapes
     for name, p in outer.named_parameters:
         pid = id(p)
@@ -220,16 +246,21 @@ def build_report(
             inner_name, module_name, norm_type = gamma_info[pid]
             outcomes: dict[str, str] = {}
             by_norm: dict[str, dict[str, str]] = {}  # the outcomes of each normalization's calls
+            by_use: dict[int, dict[str, str]] = {}  # the outcomes of each use
             for u in sorted(uses.get(inner_name, ())):
                 for r, why in flow.walk(u).items():
                     outcomes.setdefault(r, why)
                     by_norm.setdefault(flow.name(u), {}).setdefault(r, why)
+                    by_use.setdefault(u, {}).setdefault(r, why)
             if len(norms_of.get(pid, ())) > 1:
                 warns.extend(_tied_warning(name, by_norm, strongest(outcomes)[0], policy))
+            elif len(by_use) > 1:
+                warns.extend(_reused_warning(name, module_name, flow, by_use, strongest(outcomes)[0], policy))
             if inner_name in uses:
                 role, reason = strongest(outcomes)
             else:
                 role, reason = "unused", "not reached by the traced forward pass"
+                unreached.append(inner_name.rpartition(".")[0])
             kind = "gamma"
         elif pid in beta_ids:
             kind = "beta"
@@ -246,13 +277,15 @@ def build_report(
             decision = decided[(kind, role)] = policy.decides(kind, role)
         decay = decision and pid not in skip
         if kind in ("gamma", "beta") and len(aliases.get(pid, ())) > 1:  # only shared ones can warn
-            warns.extend(_shared_warning(name, kind, role, decay, aliases[pid], inner, finding))
+            warns.extend(_shared_warning(name, kind, role, decay, aliases[pid], tree, finding))
         if kind == "gamma":
             if pid in skip:
                 reason += " (in skip_list / no_weight_decay)"
             entries.append(Entry(name, module_name, norm_type, role, PAPER_CATEGORY[role], decay, reason))
         params.append(ParamInfo(name, kind, role, decay, shape, p.requires_grad))
 
+    if unreached:
+        warns.append(_unreached_warning(unreached, graph, module_outer.get(id(inner), ""), policy))
     return Report(
         entries=tuple(entries),
         params=tuple(params),
@@ -279,11 +312,64 @@ def _tied_warning(name: str, by_norm: dict[str, dict[str, str]], role: str, poli
     ]
 
 
-def _shared_warning(name: str, kind: str, role: str | None, decay: bool, aliases, inner: nn.Module,
+def _reused_warning(name: str, module_name: str, flow: Dataflow, by_use: dict[int, dict[str, str]], role: str,
+                    policy: Policy) -> list[str]:
+    """One normalization called at several places gets one role, the strongest over all its
+    outputs: say so when the places would have had different roles (a LayerNorm used inside the
+    blocks and again before the head)."""
+    roles = {u: strongest(outcomes)[0] for u, outcomes in by_use.items() if u in flow.flow.norm_name}
+    if len(set(roles.values())) < 2:
+        return []
+    places: dict[str, list[str]] = {}  # role -> the calls with it
+    calls = flow.graph.calls
+    for k, (u, r) in enumerate(roles.items(), 1):
+        call = flow.flow.norm_call.get(u)
+        parent = calls[call].parent if call is not None else -1
+        where = (calls[parent].name or "<model>") if parent >= 0 else flow.flow.context(u)
+        places.setdefault(r, []).append(f"call {k} in {where}")
+    each = "; ".join(f"{r}: {', '.join(p[:3])}{f' and {len(p) - 3} more' if len(p) > 3 else ''}"
+                     for r, p in places.items())
+    decided = "decayed" if policy.decides("gamma", role) else "not decayed"
+    return [
+        f"normalization '{module_name or '<model>'}' is called at {len(roles)} places whose outputs have different "
+        f"roles ({each}): its γ '{name}' takes the strongest, {role}, for all of them ({decided} under policy "
+        f"{policy.name}). Give each place its own normalization if they should be treated differently."
+    ]
+
+
+def _unreached_warning(norms: list[str], graph: Graph, prefix: str, policy: Policy) -> str:
+    """Normalizations the forward pass never ran have their γ ``unused`` (not decayed by
+    ``guidelines``). Which modules a forward pass reaches can depend on its input (experts chosen by
+    a router, a branch taken by value, a head used only in training): name the outermost modules not
+    reached (``norms``: the normalizations' names in the traced model; ``prefix``: a wrapper's, to
+    name them as the caller does), and say that the decision holds for this example input."""
+    reached = {""}
+    for call in graph.calls:
+        if call.name:
+            parts = call.name.split(".")
+            reached.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    outermost: list[str] = []
+    for name in norms:
+        while name.rpartition(".")[0] not in reached:
+            name = name.rpartition(".")[0]
+        name = f"{prefix}.{name}" if prefix and name else (name or prefix)
+        if name not in outermost:
+            outermost.append(name)
+    shown = ", ".join(outermost[:6]) + (f" and {len(outermost) - 6} more" if len(outermost) > 6 else "")
+    decided = "decayed" if policy.decides("gamma", "unused") else "not decayed"
+    n = len(norms)
+    return (f"the traced forward pass did not reach {shown}: the γ of {n} normalization{'s' * (n != 1)} there "
+            f"{'are' if n != 1 else 'is'} unused ({decided} under policy {policy.name}). Which modules a forward "
+            f"pass reaches can depend on its input (experts chosen by a router, a branch taken by value, a head used "
+            f"only in training), so this decision holds for this example input only; pass example_inputs that reach "
+            f"them if they are used.")
+
+
+def _shared_warning(name: str, kind: str, role: str | None, decay: bool, aliases, tree: ModuleTree,
                     finding: NormFinding) -> list[str]:
     """A γ or β that is also some other module's parameter gets one decision for all its uses:
     say so, since the other module's author may expect another. ``aliases``: its names, two or more."""
-    owned = {a: id(inner.get_submodule(a.rpartition(".")[0])) in finding.modules for a in aliases}
+    owned = {a: id(tree.module(a.rpartition(".")[0])) in finding.modules for a in aliases}
     others = [a for a, by_norm in owned.items() if not by_norm]
     norms = [a for a, by_norm in owned.items() if by_norm]
     if not others or not norms:

@@ -30,7 +30,8 @@ from .trace import BUFFER, PARAM, Arg
 if TYPE_CHECKING:
     from .flow import Flow
 
-__all__ = ["ALL", "NOTHING", "START", "Part", "Reach", "additive", "invariant_at", "reach_union", "transfer"]
+__all__ = ["ALL", "NOTHING", "START", "Part", "Reach", "additive", "invariant_at", "reach_union", "reduced_dims",
+           "SQUASHING", "transfer"]
 
 
 # ----------------------------------------------------------------------------- ops
@@ -40,6 +41,9 @@ _ADDITIVE = frozenset({
     "clamp", "clamp_", "hypot", "atan2", "logaddexp", "masked_fill", "masked_fill_", "addcdiv", "addcdiv_",
 })
 _MULTIPLICATIVE = frozenset({"mul", "mul_", "div", "div_", "true_divide"})
+# Ops whose result is a bounded weight of their input (a gate): a scale of the input does not pass.
+SQUASHING = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "_softmax", "softmax", "_safe_softmax"})
+_GATING = frozenset({"mul", "mul_"})
 # Ops that keep each element in place but lack PyTorch's pointwise tag.
 _SAME_PLACE = frozenset({
     "_to_copy", "to", "detach", "alias", "lift_fresh", "lift_fresh_copy", "native_dropout", "dropout",
@@ -154,8 +158,26 @@ def _multiplicative(reaches) -> Reach:
     return mixed_wins(s, m)
 
 
+def _gate(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> bool:
+    """Does the γ reach product ``n`` only as a gate: squashed by a sigmoid or softmax (seen through
+    views), multiplying features that carry none of it (squeeze-excitation, split attention)?
+    The γ then sets how the gate saturates, not a scale: no norm downstream divides it out."""
+    ins, names = flow.graph.ins[n], flow.names
+    if not any(_foreign(flow, n, p, arrivals) for p in range(len(ins))):
+        return False  # ``x * sigmoid(x)``: a nonlinearity of the γ's own features
+    for p in arrivals:
+        k = ins[p]
+        while names[k] in VIEW_OPS and flow.graph.ins[k]:
+            k = flow.graph.ins[k][0]
+        if names[k] not in SQUASHING:
+            return False
+    return True
+
+
 def _elementwise(flow: "Flow", n: int, name: str, arrivals: dict[int, Reach]) -> Reach:
     ins = flow.graph.ins[n]
+    if name in _GATING and len(ins) > 1 and _gate(flow, n, arrivals):
+        return _mixed(arrivals)
     if len(ins) <= 1 or name in _MULTIPLICATIVE:
         return _multiplicative(arrivals.values())
     if name in ("addcmul", "addcmul_"):
@@ -374,7 +396,7 @@ def _channel_shuffle(flow, n, args, shape, arrivals):
     return _per_mask(arrivals.get(0, NOTHING), shuffle)
 
 
-def _reduced_dims(name: str, args: tuple, rank: int, kwargs: dict | None = None) -> tuple[set[int], bool, bool]:
+def reduced_dims(name: str, args: tuple, rank: int, kwargs: dict | None = None) -> tuple[set[int], bool, bool]:
     """(reduced dimensions, negative; keepdim; whether the op only mixes along them, as softmax)."""
     every = set(range(-rank, 0))
     if name in ("_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax", "cumsum"):
@@ -401,7 +423,7 @@ def _reduction(flow, n, args, shape, arrivals):
     if set(arrivals) - {0}:
         return _mixed(arrivals)
     rank = len(args[0].shape)
-    dims, keepdim, _ = _reduced_dims(flow.names[n], args, rank, flow.graph.args[n][2])
+    dims, keepdim, _ = reduced_dims(flow.names[n], args, rank, flow.graph.args[n][2])
     r = arrivals.get(0, NOTHING)
     if touches(r[0], dims) or touches(r[1], dims):
         return _mixed(arrivals)
@@ -541,7 +563,7 @@ def _norm_groups(flow: "Flow", node: int, source: int) -> tuple[list[int], set[i
                 if "group_norm" in name:
                     return chain, set(range(-rank, 0)) - {1 - rank}, args[6]
                 return chain, set(range(-rank, 0)) - {1 - rank}, 0  # batch and instance norms: per channel
-            dims, _, _ = _reduced_dims(name, args, rank, graph.args[i][2])
+            dims, _, _ = reduced_dims(name, args, rank, graph.args[i][2])
             return chain, dims, 0
     return None
 

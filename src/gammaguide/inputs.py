@@ -18,6 +18,9 @@ DEFAULT_IMAGE_SIZE = (3, 224, 224)
 def unwrap(model: nn.Module) -> nn.Module:
     """The module that really computes: inside ``torch.compile``, DDP, DataParallel and FSDP."""
     if not isinstance(model, nn.Module):
+        if type(model).__name__ == "ExportedProgram":
+            raise GammaGuideError("expected a torch.nn.Module, got an ExportedProgram; pass program.module(), or the "
+                                  "model before torch.export")
         raise GammaGuideError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself (not its state_dict "
             f"or its parameters)"
@@ -150,7 +153,10 @@ def eval_without_side_effects(model: nn.Module, tree: ModuleTree | None = None) 
     modes = [(m, m.training) for m in (tree.modules if tree is not None else model.modules())]
     try:
         if any(training for _, training in modes):  # a model already in eval mode needs no switch
-            model.eval()
+            try:
+                model.eval()
+            except NotImplementedError:  # torch.export's module: its mode was fixed when it was exported
+                pass
         with torch.no_grad():
             yield
     finally:

@@ -101,3 +101,11 @@ class ModuleTree:
             for attr, p in m._parameters.items()
             if p is not None
         ]
+
+    def module(self, name: str) -> nn.Module:
+        """The module of qualified name ``name`` (``""``: the model), as ``get_submodule`` gives it
+        (which a TorchScript module does not have)."""
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None:
+            by_name = self.__dict__["_by_name"] = dict(self.every)
+        return by_name[name]

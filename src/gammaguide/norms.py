@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.jit import ScriptModule
 
 from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, NORM_OPS, SCALE_OPS, SHAPE_ONLY_OPS, STAT_OPS, VIEW_OPS
 from .modtree import ModuleTree
@@ -169,24 +170,28 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
     scaled: list[str | None] = [None] * n
     gammas: list[str] = []
     betas: list[str] = []
-    saw_stat = False
+    saw_stat = identity = False
     for i in range(start, end):
         name = names[i]
         if name in LEAF_KINDS:
             continue
         if name in MATMUL_OPS and any(root[k] is not None for k in ins[i]):
             return None
-        inp = stat = False
+        inp = stat = raw = False  # raw: some argument is an activation that no statistic scaled
         carried = None
         for k in ins[i]:
             # A leaf node is made when a tensor is first read, so the model's input may be a leaf
             # inside this call (a norm applied to the input itself): it enters the call all the same.
             if k < start or names[k] in LEAF_KINDS:
-                inp = inp or names[k] not in (PARAM, BUFFER, CONST)
+                entered = names[k] not in (PARAM, BUFFER, CONST)
+                inp, raw = inp or entered, raw or entered
             else:
                 inp = inp or from_input[k - start]
                 stat = stat or from_stat[k - start]
+                raw = raw or (from_input[k - start] and not from_stat[k - start])
                 carried = carried or scaled[k - start]
+        if name in ADD_OPS and stat and raw:
+            identity = True  # ``γ·(x·N(x)) + β + x`` (GRN): the input added back to the normalized tensor
         if name in STAT_OPS and inp:
             stat = saw_stat = True
         from_input[i - start] = inp
@@ -214,7 +219,15 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
             betas.extend(p for p in (params if name in ADD_OPS else [first]) if p not in betas and p not in gammas)
     if not saw_stat or not gammas:
         return None
+    if identity:
+        return KEEPS_IDENTITY
     return gammas, betas
+
+
+# What ``_behaves_like_norm`` says of a call that scales by a statistic but adds its input back
+# (ConvNeXt-V2's GRN): it does not divide out its input's scale, so it is no normalization, and
+# its parameters are no γ (not warned about either: it is what it was written to be).
+KEEPS_IDENTITY = "keeps identity"
 
 
 # Reductions: a normalization divides by a statistic, which takes one. A module named like a norm
@@ -281,25 +294,55 @@ def _add_betas(graph: Graph, names: list[str], root: list[str | None], gammas: d
 
 
 def _inline_norms(graph: Graph, root: list[str | None], act: list[bool], stat: list[bool],
-                  vectors: dict[str, int], norm_nodes: set[int]) -> dict[int, tuple[str, str | None]]:
+                  vectors: dict[str, int], norm_nodes: set[int],
+                  identity_params: set[str]) -> dict[int, tuple[str, str | None]]:
     """Normalizations written out in a bigger module's forward, as ``F.rms_norm`` is (it reaches
     the trace as ``x * rsqrt(mean(x²) + eps) * w``): an activation multiplied or divided by a
     statistic of an activation, then multiplied by a channel-vector parameter, its γ.
+    A product whose result is added back to the x it normalized is none (``_adding_back``); its γ
+    goes into ``identity_params``.
     Returns the γ product's node -> (γ, β)."""
     names, ins = graph.op_names(), graph.ins
-    normalized: set[int] = set()
+    normalized: dict[int, int] = {}  # x * rsqrt(v) -> x
+    raw: dict[int, int] = {}  # the γ product -> the x it normalized
     found: dict[int, tuple[str, str | None]] = {}
     for i, name in enumerate(names):
         if name not in SCALE_OPS or i in norm_nodes:
             continue
         acts = [k for k in ins[i] if act[k]]
         if len(acts) == 2 and stat[acts[0]] != stat[acts[1]]:
-            normalized.add(i)  # x * rsqrt(v), (x - m) / std
+            # x * rsqrt(v), (x - m) / std
+            normalized[i] = _through_views(graph, names, acts[0] if not stat[acts[0]] else acts[1])
         elif name in MUL_OPS and len(acts) == 1 and _through_views(graph, names, acts[0]) in normalized:
             gamma = _one_vector(graph, root, i, vectors)
             if gamma is not None:
                 found[i] = (gamma, None)
+                raw[i] = normalized[_through_views(graph, names, acts[0])]
+    for i in _adding_back(graph, names, raw):
+        identity_params.add(found.pop(i)[0])
     _add_betas(graph, names, root, found, vectors)
+    return found
+
+
+def _adding_back(graph: Graph, names: list[str], raw: dict[int, int]) -> set[int]:
+    """The γ products of ``raw`` (product -> the x it normalized) whose result, a β added or not, is
+    added to that same x: ``γ·(x·N(x)) + β + x`` (ConvNeXt-V2's GRN written out) keeps the identity,
+    so it does not divide out its input's scale and is no normalization."""
+    if not raw:
+        return set()
+    origin = {i: i for i in raw}  # a node carrying a γ product (a β added to it or not) -> the product
+    found: set[int] = set()
+    for i, name in enumerate(names):
+        if name not in ADD_OPS:
+            continue
+        ins = [_through_views(graph, names, k) for k in graph.ins[i]]
+        hit = [origin[k] for k in ins if k in origin]
+        if not hit:
+            continue
+        if any(raw[p] in ins for p in hit):
+            found.update(hit)
+        else:
+            origin[i] = hit[0]
     return found
 
 
@@ -345,6 +388,7 @@ def training_candidate(m: nn.Module) -> bool:
         bool(m._parameters) and bool(m._buffers) and not m._modules
         and any(b is not None and b.is_floating_point() for b in m._buffers.values())
         and not _is_known_norm(m) and type(m).__name__ not in NOT_NORM_CLASSES
+        and not isinstance(m, ScriptModule)  # compiled: no Python forward, and no hooks to see it by
     )
 
 
@@ -359,7 +403,7 @@ def _behaves_like_norm_in_training(m: nn.Module, name: str, train_probe):
         return _UNTRACEABLE if train_probe is not None else None
     own = _direct_params(m, "")
     found = _behaves_like_norm(sub, 0, len(sub), own, root_params(sub))
-    if found is None:
+    if found is None or found is KEEPS_IDENTITY:
         return None
     dot = f"{name}." if name else ""
     return [dot + g for g in found[0]], [dot + b for b in found[1]]
@@ -393,6 +437,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
     modules: dict[int, NormModule] = {}
     warnings: list[str] = []
     undecided: dict[int, tuple[nn.Module, str]] = {}
+    identity: set[int] = set()  # modules that add their input back (KEEPS_IDENTITY)
 
     for call in graph.calls:
         m = call.module
@@ -421,11 +466,13 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
         if not own:
             continue
         found = _behaves_like_norm(graph, call.start, call.end, own, root)
-        if found is not None:
+        if found is KEEPS_IDENTITY:
+            identity.add(key)
+        elif found is not None:
             modules[key] = NormModule(m, name, "behaviour", found[0], found[1])
     untraceable: list[tuple[int, nn.Module, str]] = []
     for key, (m, name) in undecided.items():
-        if key not in modules and training_candidate(m):
+        if key not in modules and key not in identity and training_candidate(m):
             found = _behaves_like_norm_in_training(m, name, train_probe)
             if found is _UNTRACEABLE:
                 untraceable.append((key, m, name))
@@ -479,11 +526,13 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
             norm_nodes.add(node)
             labels[node] = f"{norm} without affine, then a scale"
     stat: list[bool] | None = None
+    # Parameters of a scale by a statistic that adds its input back (GRN): no γ, and no warning.
+    identity_params = {q for key in identity for q in _direct_params(*undecided[key]).values()}
     if any(op in STAT_OPS and i not in norm_nodes and any(act[k] for k in graph.ins[i])
            for i, op in enumerate(names)):
         stat = _stat_derived(graph, act, norm_nodes)
         vectors = vectors if vectors is not None else _vector_params(tree)
-        for node, pair in _inline_norms(graph, root, act, stat, vectors, norm_nodes).items():
+        for node, pair in _inline_norms(graph, root, act, stat, vectors, norm_nodes, identity_params).items():
             functional[node] = pair
             norm_nodes.add(node)
             labels[node] = "inline normalization"
@@ -492,7 +541,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
     # Warnings: norm-looking modules that were not recognised.
     recognised_params = {p for nm in modules.values() for p in nm.gammas + nm.betas}
     recognised_params.update(p for pair in functional.values() for p in pair if p)
-    looked_at = [(key, m, name) for key, (m, name) in undecided.items() if key not in modules
+    looked_at = [(key, m, name) for key, (m, name) in undecided.items() if key not in modules and key not in identity
                  and "Norm" in type(m).__name__
                  and (any(p is not None for p in m._parameters.values()) or not m._modules)]
     if looked_at or untraceable:
@@ -527,7 +576,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
     # A vector parameter scaling a tensor normalized outside any recognised normalization.
     if stat is not None:
         vectors = vectors if vectors is not None else _vector_params(tree)
-        flagged: set[str] = set()
+        flagged: set[str] = set(identity_params)  # (flagged: warned about already, or never to be)
         for i, op_name in enumerate(names):
             if op_name not in MUL_OPS or i in norm_nodes:
                 continue
@@ -538,7 +587,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
                 if any(stat[j] and root[j] is None for j in graph.ins[i] if j != k):
                     flagged.add(p)
                     owner = p.rsplit(".", 1)[0] if "." in p else ""
-                    cls = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
+                    cls = type(tree.module(owner)).__name__
                     warnings.append(
                         f"parameter '{p}' (in {cls} '{owner}') multiplies a tensor normalized by a statistic of an "
                         f"activation, but not as a normalization's γ: it is not given a role. If it is a "

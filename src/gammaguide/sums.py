@@ -35,9 +35,11 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from .channels import reduced_dims, transfer
 from .flow import Flow
+from .masks import ALL, Part, part, place
 from .ops import FUSED_MATMUL_SUMS, MATMUL_OPS, STACK_REDUCTIONS, SUM_OPS
-from .trace import LEAF_KINDS
+from .trace import INPUT, LEAF_KINDS
 
 # Ops whose arguments 1 and 2 make one operand together (``b * t``, ``b / t``, ``h @ w``, and
 # ``lerp``'s end and weight).
@@ -158,28 +160,72 @@ def _is_member(flow: Flow, i: int) -> bool:
     return name in STACK_REDUCTIONS and _stacked(flow, i) is not None
 
 
-def _stacked(flow: Flow, i: int) -> int | None:
-    """The ``stack`` op whose stacked dimension op ``i`` sums (or averages) away, if any."""
-    ins = flow.graph.ins[i]
-    record = flow.graph.args.get(i)
+# Ops that only lay out the elements of one tensor anew, between a concatenation (or stack) and the
+# reduction that adds its pieces: ``torch.cat([x, b]).view(2, *x.shape).sum(0)``, the ``permute``
+# of an ``einsum('k...->...', torch.stack([x, b]))``.
+_LAYOUT = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "unsqueeze", "squeeze",
+    "flatten", "unflatten", "clone", "contiguous", "alias", "movedim",
+})
+_UNSQUEEZES = frozenset({"unsqueeze", "view", "_unsafe_view", "reshape", "_reshape_alias"})
+
+
+def _stacked(flow: Flow, i: int) -> tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]] | None:
+    """When reduction ``i`` (a sum or mean) adds whole tensors laid side by side by a ``stack`` or
+    ``cat``, however the result was reshaped or permuted on the way: the ops between (the stack
+    included) and each added tensor as (op, argument position, the tensor's node). Each tensor
+    must take exactly one index along the reduced dimensions, the same everywhere else."""
+    key = ("stacked", i)
+    if key not in flow.memo:
+        flow.memo[key] = _find_stacked(flow, i)
+    return flow.memo[key]
+
+
+def _find_stacked(flow: Flow, i: int):
+    graph, names, succ, rep = flow.graph, flow.names, flow.succ, flow.rep
+    ins, record = graph.ins[i], graph.args.get(i)
     if record is None or len(ins) != 1:
         return None
-    k = ins[0]
-    if flow.names[k] != "stack" or flow.graph.args.get(k) is None:
+    chain, k = [], ins[0]
+    while names[k] in _LAYOUT and rep[k] == k and len(graph.ins[k]) == 1 and len(succ[k]) == 1:
+        chain.append(k)
+        k = graph.ins[k][0]
+    stacked = graph.args.get(k)
+    if names[k] not in ("stack", "cat") or stacked is None or rep[k] != k or len(succ[k]) != 1:
         return None
-    args, kwargs = record[0], record[2] or {}
-    dims = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    if isinstance(dims, int):
-        dims = [dims]
-    stack_args, stack_shape = flow.graph.args[k][0], flow.graph.args[k][1]
-    rank = len(stack_shape)
-    dim = (stack_args[1] if len(stack_args) > 1 else 0) % rank
-    if keepdim or not isinstance(dims, (list, tuple)) or [d % rank for d in dims] != [dim]:
+    args, shape = record[0], record[1]
+    rank = len(args[0].shape)
+    dims, keepdim, _ = reduced_dims(names[i], args, rank, record[2])
+    pieces, out_shape, kw = stacked[0][0], stacked[1], stacked[2] or {}
+    if keepdim or not isinstance(pieces, list) or len(pieces) != len(graph.ins[k]):
         return None
-    if len(flow.succ[k]) != 1:
-        return None
-    return k
+    dim = stacked[0][1] if len(stacked[0]) > 1 else kw.get("dim", 0)
+    out_rank = len(out_shape)
+    d, total, offset = dim % out_rank, out_shape[dim % out_rank], 0
+    found = []
+    for pos, piece in enumerate(pieces):
+        if names[k] == "stack":
+            mask = part((d - out_rank,), (total,), 1 << pos)
+        else:
+            size = piece.shape[d] if len(piece.shape) == out_rank else 0
+            mask = place(ALL, out_rank, d, offset, size, total)
+            offset += size
+        for n in reversed(chain):  # where the piece's elements end up in the reduction's input
+            mask, mixed = transfer(flow, n, {0: (mask, None)})
+            if mixed is not None:
+                return None
+        if not isinstance(mask, Part) or set(mask.dims) != dims or mask.bits & (mask.bits - 1):
+            return None  # it does not take exactly one index along the reduced dimensions
+        node, at, source = k, pos, graph.ins[k][pos]
+        if tuple(piece.shape) != tuple(shape):  # ``x.unsqueeze(-1)``: the tensor added is ``x``
+            if not (names[source] in _UNSQUEEZES and rep[source] == source and len(graph.ins[source]) == 1
+                    and len(succ[source]) == 1 and graph.args.get(source) is not None
+                    and tuple(graph.args[source][0][0].shape) == tuple(shape)):
+                return None
+            node, at, source = source, 0, graph.ins[source][0]
+        found.append((node, at, source))
+    nodes = tuple(chain) + (k,) + tuple(n for n, _, _ in found if n != k)
+    return nodes, tuple(found)
 
 
 def _chains(flow: Flow):
@@ -194,7 +240,8 @@ def _chains(flow: Flow):
             (c, _pos), = consumers
             if c in is_member:
                 parent[i] = c
-    # A stack summed away is part of its reduction's chain: its arguments are the operands.
+    # A stack or cat summed away is part of its reduction's chain: the tensors it lays side by side are the
+    # operands.
     stacks = {i: _stacked(flow, i) for i in members if flow.names[i] in STACK_REDUCTIONS}
     for i in members:
         if i in parent:
@@ -211,10 +258,11 @@ def _gather(flow: Flow, i: int, parent: dict[int, int], stacks: dict, chain: lis
     ins, rep, act = flow.graph.ins, flow.rep, flow.act
     stack = stacks.get(i)
     if stack is not None:
-        chain.append(stack)
-        for pos, k in enumerate(ins[stack]):
+        nodes, added = stack
+        chain.extend(nodes)
+        for node, pos, k in added:
             if act[rep[k]]:
-                operands.append(Operand(stack, pos, (rep[k],)))
+                operands.append(Operand(node, pos, (rep[k],)))
         return
     product = flow.names[i] in _PRODUCT
     for pos, k in enumerate(ins[i]):
@@ -238,19 +286,93 @@ def _resolve(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Op
         return Sum(root, members, operands, -1, -1, "no fork")
     counts = _from_stream(flow, operands, fork, streams)
     operands = tuple(Operand(o.node, o.pos, o.sources, c, o.extra) for o, c in zip(operands, counts, strict=True))
-    low = min(counts)
-    if counts.count(low) > 1:
+    conditioning = _conditioning(flow, operands, fork, streams)
+    if len(operands) - len(conditioning) < 2:
+        return Sum(root, members, operands, fork, -1, "conditioning")
+    # A conditioning operand never carries the stream: it is no candidate for the skip.
+    ranks = [(c, 0) if i not in conditioning else (len(flow), 0) for i, c in enumerate(counts)]
+    low = min(ranks)
+    if ranks.count(low) > 1:
         since_fork = _from_stream(flow, operands, fork, set())
-        keys = list(zip(counts, since_fork, strict=True))
-        low = min(keys)
-        if keys.count(low) > 1:
+        ranks = [(r[0], f) for r, f in zip(ranks, since_fork, strict=True)]
+        low = min(ranks)
+        if ranks.count(low) > 1:
             return Sum(root, members, operands, fork, -1, "tie")
-        counts = keys
+    counts = ranks
     if _sum_of_heads(flow, root, members, operands):
         return Sum(root, members, operands, fork, -1, "heads")
     if inside:
         return Sum(root, members, operands, fork, -1, "inside a branch")
     return Sum(root, members, operands, fork, counts.index(low))
+
+
+def _conditioning(flow: Flow, operands: tuple[Operand, ...], fork: int, streams: set[int]) -> set[int]:
+    """The operands that are an embedding of another input (a diffusion U-Net's ``time_mlp(t)``, a
+    class embedding, a FiLM shift added to a block's features): computed without some model input
+    that another operand is computed from, and without the stream that other operand is computed
+    from (an earlier residual sum's result after the fork, such as the previous block's output,
+    which the embedding only reached through a branch). Such an operand never carries the stream.
+    Models with one input (every operand computed from it) have none."""
+    inputs = _inputs(flow)
+    if inputs is None:
+        return set()
+    found: set[int] = set()
+    sets = [_union(inputs, o.sources) for o in operands]
+    for b, other in enumerate(operands):
+        for c, cand in enumerate(operands):
+            if c == b or c in found or sets[b] & ~sets[c] == 0:
+                continue  # ``cand`` is computed from every input ``other`` is
+            for s in _streams_behind(flow, other.sources, fork, streams):
+                if s not in cand.sources and not any(flow.is_ancestor(s, x) for x in cand.sources):
+                    found.add(c)
+                    break
+    return found
+
+
+def _inputs(flow: Flow) -> list[int] | None:
+    """For each (collapsed) node, the model inputs it is computed from, as bits; None for a model
+    with one input (the common case: nothing to compute)."""
+    found = flow.memo.get("inputs", False)
+    if found is not False:
+        return found
+    found = None
+    if flow.names.count(INPUT) > 1:  # (counted in C: most models have one input)
+        leaves = [i for i, name in enumerate(flow.names) if name == INPUT]
+        found = [0] * len(flow)
+        for k, i in enumerate(leaves):
+            found[i] = 1 << k
+        for j, preds in enumerate(flow.preds):
+            bits = 0
+            for p in preds:  # a loop, not a reduce over a generator: this runs over every node
+                bits |= found[p]
+            if bits:
+                found[j] |= bits
+    flow.memo["inputs"] = found
+    return found
+
+
+def _union(inputs: list[int], sources: tuple[int, ...]) -> int:
+    bits = 0
+    for s in sources:
+        bits |= inputs[s]
+    return bits
+
+
+def _streams_behind(flow: Flow, sources: tuple[int, ...], fork: int, streams: set[int]) -> set[int]:
+    """The latest results of earlier residual sums on the paths from the fork to ``sources``."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = list(sources)
+    while stack:
+        n = stack.pop()
+        if n <= fork or n in seen:
+            continue
+        seen.add(n)
+        if n in streams:
+            found.add(n)
+        else:
+            stack.extend(flow.preds[n])
+    return found
 
 
 def _fork(flow: Flow, operands: tuple[Operand, ...]) -> int | None:

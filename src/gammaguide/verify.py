@@ -23,6 +23,7 @@ input size that works.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .analysis import analyze
-from .channels import ALL, Part
+from .channels import ALL, SQUASHING, Part
 from .errors import GammaGuideError
 from .inputs import default_input_size, describe_inputs, prepare_inputs, unwrap
 from .norms import find_norms
@@ -242,10 +243,13 @@ class _Probe:
     def _act_inputs(self, n: int) -> int:
         return sum(1 for k in self.graph.ins[n] if self.flow.act[k])
 
-    def homogeneous(self, nodes: set[int], mixing_allowed: bool = False) -> str | None:
+    def homogeneous(self, nodes: set[int], u: int, mixing_allowed: bool = False) -> str | None:
         """None if every op is positively homogeneous in its activation input, else the culprit.
-        ``mixing_allowed``: sums with other features count as homogeneous (for ``merged``)."""
-        names = self.flow.names
+        ``u``: the normalization the walk starts from (a product with an activation off the path,
+        which the γ does not reach but through another norm, scales by a constant).
+        ``mixing_allowed``: sums with other features, and gates (a sigmoid or softmax multiplying
+        other features), count as homogeneous (for ``merged``)."""
+        names, rep = self.flow.names, self.flow.rep
         for n in sorted(nodes):
             name = names[n]
             others = len(self.graph.ins[n]) - self._act_inputs(n)
@@ -253,12 +257,15 @@ class _Probe:
                 continue
             if name in ("convolution", "_convolution") and others <= 1:
                 continue  # weight only, no bias
-            if name in MUL_OPS | {"div", "div_"} and self._act_inputs(n) == 1:
+            if name in MUL_OPS | {"div", "div_"} and (self._act_inputs(n) == 1 or sum(
+                    1 for k in self.graph.ins[n] if rep[k] in nodes or rep[k] == u) == 1):
                 continue
             if name in ADD_OPS and self._act_inputs(n) == 2 and all(k in nodes for k in self.graph.ins[n]):
                 continue
             if mixing_allowed and name in SUM_OPS and self._act_inputs(n) == len(self.graph.ins[n]):
                 continue
+            if mixing_allowed and (name in SQUASHING or name in MUL_OPS):
+                continue  # a gate
             return f"{name} in {self.flow.name(n)}"
         return None
 
@@ -272,7 +279,9 @@ class _Probe:
                     continue  # zero values give a zero output, whatever the weights
                 return f"{name} (zero queries or keys attend uniformly) in {self.flow.name(n)}"
             others = len(self.graph.ins[n]) - self._act_inputs(n)
-            if name in _NOT_ZERO_PRESERVING or (name in SUM_OPS and self._act_inputs(n) < len(self.graph.ins[n])):
+            ins = self.graph.ins[n]
+            # A sum with something other than activations: a bias, a buffer, or a number (``1 + scale``).
+            if name in _NOT_ZERO_PRESERVING or (name in SUM_OPS and (self._act_inputs(n) < len(ins) or len(ins) < 2)):
                 return f"{name} in {self.flow.name(n)}"
             if name in MATMUL_OPS and others >= 2:
                 return f"{name} with a bias in {self.flow.name(n)}"
@@ -321,6 +330,27 @@ def verify(model: nn.Module, example_inputs: Any = None, *, rtol: float = 1e-3, 
     if any(p.device.type == "meta" for p in inner.parameters()):
         raise GammaGuideError("verify runs the model on real numbers; it cannot check a model on the meta device. "
                               "Use analyze() for meta models, or build the model on a real device.")
+    if isinstance(inner, torch.jit.ScriptModule) or _mode_fixed(inner):
+        what = "TorchScript" if isinstance(inner, torch.jit.ScriptModule) else "torch.export"
+        raise GammaGuideError(f"verify runs a copy of the model in train mode with γ, β and eps changed; a {what} "
+                              f"module fixes its mode and constants when it is made. Verify the eager model it was "
+                              f"made from (analyze() works on either, with the same roles).")
+    devices = {"cpu", "cuda"} | {p.device.type for p in inner.parameters()}
+    with contextlib.ExitStack() as stack:
+        # Checks of exact zeros and of ratios need full precision; a caller's autocast region would also
+        # cache weight casts from one pass to the next, so that their ops no longer line up.
+        for device in devices:
+            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        return _verify(model, inner, example_inputs, rtol, seed)
+
+
+def _mode_fixed(module: nn.Module) -> bool:
+    """A module of ``torch.export`` (``ExportedProgram.module()``): its train and eval raise."""
+    return "train" in vars(module) and isinstance(module, torch.fx.GraphModule)
+
+
+def _verify(model: nn.Module, inner: nn.Module, example_inputs: Any, rtol: float, seed: int) -> list[Check]:
     example_inputs = _random_default(inner, example_inputs, seed)
     report = analyze(model, example_inputs, warn=False)
     work = copy.deepcopy(inner).train()
@@ -401,7 +431,7 @@ def _check_scale(probe: _Probe, e, uses, inside, events, params, module, rtol) -
     norms = {ev.node for ev in events if ev.role in ("scale_invariant", "merged")}
     if not norms:
         return Check(e.param_name, e.role, "not_applicable", "the train-mode pass reaches no other normalization")
-    culprit = next(filter(None, (probe.homogeneous(inside[u] | probe.path_nodes(u, norms), merged) for u in uses)),
+    culprit = next(filter(None, (probe.homogeneous(inside[u] | probe.path_nodes(u, norms), u, merged) for u in uses)),
                    None)
     if culprit:
         return Check(e.param_name, e.role, "not_applicable", f"not positively homogeneous: {culprit}")
