@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import importlib.util
 import inspect
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ SPEC_FORMS = "a built-in name, torchvision:NAME, timm:NAME, hf:NAME or path/to/f
 
 # Models this large in float32 would exhaust a laptop's memory; ask for --meta instead.
 MAX_REAL_PARAMS = 1_000_000_000
+# A tensor's number of elements (and its size in bytes) is a 64-bit integer in PyTorch.
+MAX_ELEMENTS = 2**63 // 8
 
 
 @dataclass
@@ -64,6 +67,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
             f"bad --input-shape {text!r}: give positive integers separated by commas, "
             f"e.g. 1,3,32,32 for an image batch or 1,16 (batch, seq_len) for hf: models"
         )
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise GammaGuideError(
+            f"bad --input-shape {text!r}: {math.prod(shape):.3g} elements, more than a tensor can hold "
+            f"({MAX_ELEMENTS:.3g}, even on the meta device); give a smaller shape, e.g. 1,3,224,224"
+        )
     return shape
 
 
@@ -77,6 +85,8 @@ def load(spec: str, *, input_shape: tuple[int, ...] | None = None, meta: bool = 
         raise GammaGuideError(f"--num-classes must be a positive integer, got {num_classes!r}")
     source, sep, name = spec.partition(":")
     head, fsep, factory = spec.rpartition(":")
+    if num_classes is not None and not meta and not (fsep and head.endswith(".py")):
+        _refuse_if_too_many_classes(spec, num_classes)
     if fsep and head.endswith(".py"):
         # Checked first so that a path containing ':' (C:\x.py:f) still reads as a file.
         model, inputs = _from_file(head, factory, meta)
@@ -102,6 +112,16 @@ def load(spec: str, *, input_shape: tuple[int, ...] | None = None, meta: bool = 
     if inputs is None:
         inputs = _default_image_input(model, spec, meta)
     return LoadedModel(model, inputs, spec)
+
+
+def _refuse_if_too_many_classes(spec: str, num_classes: int) -> None:
+    """A head of ``num_classes`` outputs that would make the model too large to build for real:
+    count its parameters on the meta device first (free) and ask for --meta or fewer classes."""
+    n = sum(p.numel() for p in load(spec, meta=True, num_classes=num_classes).model.parameters())
+    if n > MAX_REAL_PARAMS:
+        raise GammaGuideError(f"--num-classes {num_classes} gives {spec} {n / 1e9:.3g}B parameters "
+                              f"({n * 4 / 2**30:.3g} GiB in float32); give fewer classes, or add --meta to analyze it "
+                              f"on the meta device without allocating them")
 
 
 @contextlib.contextmanager
@@ -166,7 +186,13 @@ def _builtin(name: str, num_classes: int | None) -> nn.Module:
         )
     if name in TEXT_MODELS and num_classes is None:
         return create_model(name)  # its own default (two classes for the classifier)
-    return create_model(name, num_classes=10 if num_classes is None else num_classes)
+    try:
+        return create_model(name, num_classes=10 if num_classes is None else num_classes)
+    except GammaGuideError:
+        raise
+    except Exception as exc:  # a head no tensor can hold (on any device)
+        raise GammaGuideError(f"building {name} with {num_classes} classes failed: {_one_line(exc)}; give fewer "
+                              f"classes with --num-classes") from exc
 
 
 def _text_inputs(model: nn.Module, shape: tuple[int, ...] | None, meta: bool) -> Any:
@@ -287,8 +313,12 @@ def _hf(name: str, num_classes: int | None, meta: bool) -> nn.Module:
         config = getattr(transformers, entry.config_class)(**kwargs)
     if not entry.tiny and not meta:
         _refuse_if_huge(name, model_class, config)
-    with _quiet(), _hf_quiet(transformers):
-        return model_class(config)
+    try:
+        with _quiet(), _hf_quiet(transformers):
+            return model_class(config)
+    except Exception as exc:  # a head no tensor can hold (on any device)
+        raise GammaGuideError(f"building hf:{name} failed: {_one_line(exc)}; try it without --num-classes, or "
+                              f"with fewer classes") from exc
 
 
 def _refuse_if_huge(name: str, model_class: type, config: Any) -> None:

@@ -13,25 +13,38 @@ additions with its paired difference to ``no_gamma``; the plots follow them over
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import GammaGuideError
 from .claims import claims_markdown, format_difference
-from .results import read_lines
+from .results import RESULTS_NAME, read_lines
 from .stats import paired_difference
-from .summary import ALL, BASELINE, REFERENCES, ROLE_ORDER, ArmSummary, Experiment, mean_ratio, summarize
+from .summary import (
+    ALL, BASELINE, REFERENCES, ROLE_ORDER, ArmSummary, Experiment, _setting_key, mean_ratio, metric_key, setting_label,
+    summarize,
+)
 
 __all__ = ["ArmSummary", "Experiment", "ROLE_ORDER", "load", "mean_ratio", "summarize", "write_claims",
            "write_report", "BASELINE", "ALL"]
 
 
-def load(paths: str | Path | list) -> list[Experiment]:
-    """The experiments of one or more results files, each knowing the files its runs came from."""
+def results_files(paths: str | Path | list) -> list[str | Path]:
+    """The results files named: a folder stands for the results.jsonl in it (what ``ablate --out``
+    made), a file for itself."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    return [Path(p) / RESULTS_NAME if Path(p).is_dir() else p for p in paths]
+
+
+def load(paths: str | Path | list) -> list[Experiment]:
+    """The experiments of one or more results files (or folders holding one), each knowing the
+    files its runs came from."""
+    paths = results_files(paths)
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise GammaGuideError(f"results file not found: {', '.join(missing)}; give the results.jsonl that "
@@ -41,11 +54,44 @@ def load(paths: str | Path | list) -> list[Experiment]:
         lines = read_lines(p)
         records += lines
         sources += [str(p)] * len(lines)
+    disagree = conflicts(records, sources)
+    if disagree:
+        warnings.warn(disagree, stacklevel=2)
     experiments = summarize(records, sources)
     if not experiments:
         raise GammaGuideError(f"{', '.join(map(str, paths))} holds no runs (no line with 'arm' and 'seed'); "
                               f"run gammaguide ablate first")
     return experiments
+
+
+def conflicts(records: list[dict[str, Any]], sources: list[str], limit: int = 4) -> str | None:
+    """One line naming the runs (setting, arm, seed) that two files record with different results
+    (status or metric), or None. ``summarize`` keeps a run's last record, which is right for a rerun
+    within one file (``--retry-failed``) but a guess between files: say which."""
+    seen: dict[tuple[str, Any, Any], tuple[str, tuple]] = {}
+    found: list[str] = []
+    for rec, src in zip(records, sources, strict=True):
+        if "arm" not in rec or "seed" not in rec:
+            continue
+        key = (_setting_key(rec), rec["arm"], rec["seed"])
+        metric = metric_key(rec)
+        outcome = (rec.get("status"), rec.get(metric))
+        old = seen.get(key)
+        if old is not None and old[0] != src and old[1] != outcome:
+            label = setting_label(json.loads(key[0])["settings"])
+            found.append(f"{rec['arm']} seed {rec['seed']} of {label} ({_outcome(old[1], metric)} in {old[0]}, "
+                         f"{_outcome(outcome, metric)} in {src})")
+        seen[key] = (src, outcome)
+    if not found:
+        return None
+    shown = "; ".join(found[:limit]) + (f"; and {len(found) - limit} more" if len(found) > limit else "")
+    return (f"the results files disagree on {len(found)} run{'s' * (len(found) != 1)}: {shown}. The report uses the "
+            f"record of the file given last; remove the stale records, or report the files separately.")
+
+
+def _outcome(outcome: tuple, metric: str) -> str:
+    status, value = outcome
+    return f"{metric} {value:.4g}" if status == "ok" and isinstance(value, (int, float)) else f"{status}"
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -171,7 +217,7 @@ def _command(paths: list, out: Path | None, title: str | None, claims: bool = Fa
 def write_report(paths: str | Path | list, out: str | Path, *, plots: bool = True,
                  title: str | None = None) -> Path:
     """Write ``out/report.md`` (and PNG plots beside it) from one or more results files."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    paths = results_files(paths)
     experiments = load(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +250,7 @@ def write_report(paths: str | Path | list, out: str | Path, *, plots: bool = Tru
 
 def write_claims(paths: str | Path | list, out: str | Path | None = None) -> str:
     """The claims table over every setting of the results files (markdown); also ``out/claims.md`` if given."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    paths = results_files(paths)
     text = (f"<!-- made by: {_command(paths, Path(out) if out is not None else None, None, claims=True)} -->\n\n"
             + claims_markdown(load(paths)) + "\n")
     if out is not None:
