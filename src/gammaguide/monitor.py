@@ -452,9 +452,9 @@ class Monitor:
         self.probe_every = 5 * self.every if probe_every is None else _check_count("probe_every", probe_every, 0)
         self.total_steps = None if total_steps is None else _check_count("total_steps", total_steps, 1)
         self.variance_limit = _check_positive("variance_limit", variance_limit)
-        self.late = float(late)
         if isinstance(late, bool) or not isinstance(late, Real) or not 0 <= late <= 1:
             raise GammaGuideError(f"late must be a fraction of total_steps between 0 and 1, got {late!r}")
+        self.late = float(late)
         self.eff_lr_factor = _check_positive("eff_lr_factor", eff_lr_factor)
         self.warn = bool(warn)
         self.step = 0
@@ -466,7 +466,7 @@ class Monitor:
         self._measures = self._records or self._sharded  # this process measures (FSDP: every rank joins)
         self._probe = probe if probe is not None else example_inputs
         self._sinks, self._owned = [], []
-        for s in sinks:
+        for s in sinks if self._records else ():  # other ranks send nothing (and open no file)
             sink, owned = _as_sink(s)
             self._sinks.append(sink)
             if owned:
@@ -526,7 +526,10 @@ class Monitor:
         for name, p in self.model.named_parameters():
             traced_name = first.get(id(p), name)
             nodes = uses.get(traced_name, ())
-            if kinds.get(name) != "weight" or not nodes or not all(flow.flow.weighted[u] for u in nodes):
+            # Conv and linear weights: an embedding's rows are added to other embeddings (constants to
+            # the walk, which it passes), so LN(c·E[x] + P) is not invariant to c.
+            if kinds.get(name) != "weight" or not nodes or not all(
+                    flow.flow.weighted[u] and "embedding" not in flow.flow.names[u] for u in nodes):
                 continue
             events = [e.role for u in sorted(nodes) for e in flow.events(u)]
             if events and all(r == "scale_invariant" for r in events):
