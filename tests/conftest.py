@@ -37,3 +37,23 @@ def forward_pass(request, monkeypatch):
 
         monkeypatch.setitem(analysis.trace_model.__kwdefaults__, "on_meta", False)
     return request.param
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A tiny ImageFolder tree (8 training and 3 test images per class), made once per test module."""
+    from experiment_helpers import make_imagefolder
+
+    return make_imagefolder(tmp_path_factory.mktemp("data") / "tree", per_class=8, test_per_class=3)
+
+
+@pytest.fixture
+def dataset_cache(tmp_path_factory, monkeypatch):
+    """Decoded datasets are cached in the session's temporary folder, never in the user's cache.
+    Use it with ``pytestmark = pytest.mark.usefixtures("dataset_cache")``."""
+    from gammaguide.experiments import data
+
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))

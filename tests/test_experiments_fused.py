@@ -30,7 +30,10 @@ from gammaguide.experiments.config import TrainConfig
 from gammaguide.experiments.fused import unfuse_checkpoint
 from gammaguide.experiments.trainer import Trainer, Trainer as FusedTrainer
 
-from experiment_helpers import interrupt_in_epoch_two, make_imagefolder
+from experiment_helpers import interrupt_in_epoch_two
+
+# The tiny ImageFolder ``tree`` and the dataset cache in a temporary folder come from conftest.py.
+pytestmark = pytest.mark.usefixtures("dataset_cache")
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 ARMS = ("guidelines", "only:shortcut", "all", "no_gamma")
@@ -341,16 +344,6 @@ def test_groups_are_even_and_only_runs_that_differ_in_policy_and_seed_fuse():
     assert sorted(len(g) for g in mixed) == [3, 3]
     with pytest.raises(GammaGuideError, match="differ in more than policy and seed"):
         FusedTrainer([grid[0], other[1]], synthetic(8), CPU, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("data") / "tree", per_class=8, test_per_class=3)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 SMOKE = ["ablate", "--protocol", "smoke", "--arms", "no_gamma,only:shortcut,guidelines", "--seeds", "0,1",

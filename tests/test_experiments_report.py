@@ -327,3 +327,66 @@ def test_committed_claims_tables_are_what_the_report_makes_of_the_committed_resu
     assert words[-1] == "--claims"
     monkeypatch.chdir(ROOT)
     assert write_claims(words[:-1]) in text
+
+
+# ----------------------------------------------------------------------------- the text of cells and legends
+
+
+def _cells(exp) -> dict:
+    return {c.claim.text: c for c in C.check_setting(exp)}
+
+
+def test_a_cell_counts_the_failed_runs_of_its_own_two_arms():
+    recs = grid({
+        "no_gamma": [0.70, 0.80, 0.75, None],         # 1 failed
+        "guidelines": [0.71, 0.81, 0.76, 0.90],
+        "all": [0.69, None, None, 0.50],              # 2 failed
+        "only:stream": [None, None, None, None],      # every run failed: nothing to pair
+        "only:shortcut": [0.72],                      # one seed: no interval
+    })
+    recs[0]["history"] = [{"decay_time": 0.5}, {"decay_time": 0.75}, {"decay_time": 1.25}]
+    failed = next(r for r in recs if r["status"] == "failed")
+    failed["history"] = [{"decay_time": 9.0}]  # a failed run's schedule is not the setting's
+    (exp,) = summarize(recs)
+    cells = _cells(exp)
+    text = {claim: C._cell_text(cell, exp) for claim, cell in cells.items()}
+    assert " (1 failed run): " in text["the guidelines beat decaying no γ"]
+    assert " (2 failed runs): " in text["the guidelines beat decaying every γ"]
+    assert text["L2 on γ_first lowers the metric"] == "no paired seed (5 failed runs): not shown"
+    assert text["L2 on γ_down lowers the metric"] == "+2.00, n=1: no interval (n < 2) (1 failed run): not shown"
+    assert text["L2 on γ_last raises the metric"] == "no run"
+    # Holm's adjustment is over the claims with a t test: not a missing arm, nor one without pairs.
+    for claim in ("L2 on γ_first lowers the metric", "L2 on γ_down lowers the metric",
+                  "L2 on γ_last raises the metric"):
+        assert cells[claim].holm is None and "Holm" not in text[claim], claim
+    assert cells["the guidelines beat decaying no γ"].holm is not None
+    assert "; Holm: " in text["the guidelines beat decaying no γ"]
+    legend = C.settings_legend([exp])
+    assert ": 5 arms, seeds 0, 1, 2, 3, 10 finished runs, 7 failed; metric `test_acc`; decay time D = 1.25; from ?" \
+        in legend
+
+
+def test_a_legend_without_finished_runs_says_none():
+    (exp,) = summarize(grid({"no_gamma": [None], "guidelines": [None]}))
+    assert C.settings_legend([exp]).endswith(": 2 arms, seeds none, 0 finished runs, 2 failed; metric `test_acc`; "
+                                             "from ?")
+
+
+def test_a_missing_arm_is_stood_in_for_by_an_arm_that_decays_the_same():
+    """In a model whose only γ are residual_last and head, ``guidelines`` decays exactly what
+    ``only:residual_last`` would: it stands in for the missing arm, and the cell says so."""
+    decayed = {"guidelines": {"residual_last": {"count": 3, "decayed": 3}, "head": {"count": 1, "decayed": 0}},
+               "no_gamma": {"residual_last": {"count": 3, "decayed": 0}, "head": {"count": 1, "decayed": 0}}}
+    base = [0.70, 0.80, 0.75]
+    recs = grid({"no_gamma": base, "guidelines": [b + 0.01 + e for b, e in zip(base, (0, 0.002, -0.002), strict=True)]
+                 + [None]})
+    for r in recs:
+        r["roles"] = decayed[r["arm"]]
+    (exp,) = summarize(recs)
+    cells = _cells(exp)
+    last = cells["L2 on γ_last raises the metric"]
+    assert (last.stand_in, last.verdict) == ("guidelines", "confirmed")
+    text = C._cell_text(last, exp)
+    assert text.startswith("+1.00 [") and " (1 failed run): **confirmed**" in text
+    assert text.endswith(" (`guidelines` runs, the same policy here)")
+    assert cells["the guidelines beat decaying every γ"].verdict == "no run"  # `all` also decays β: no stand-in

@@ -25,18 +25,11 @@ from gammaguide.experiments.trainer import Trainer
 
 from experiment_helpers import interrupt_in_epoch_two, make_imagefolder
 
+# The tiny ImageFolder ``tree`` and the dataset cache in a temporary folder come from conftest.py.
+pytestmark = pytest.mark.usefixtures("dataset_cache")
+
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 TINY = dict(model="resnet20", epochs=2, batch_size=16, variance_batch=8)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("data") / "tree", per_class=8, test_per_class=3)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="module")
