@@ -289,6 +289,7 @@ def run_ablate(args) -> int:
     if args.epochs is not None and not auto:
         base = replace(base, epochs=_int_epochs(args.epochs))
     base.check()
+    _check_data(args.data, args.data_dir)  # a missing tree is one line, before any header or work
     arms = parse_arms(args.arms) if args.arms else (protocol.arms or task.default_arms(base, _log))
     _writable_dir(args.out)
     if args.checkpoint_dir:
@@ -319,6 +320,19 @@ def run_ablate(args) -> int:
         return 0
     finally:
         shutdown(ctx)
+
+
+def _check_data(spec: str, data_dir: str | None) -> None:
+    """Where the data SPEC points must exist (a tree, a zip, a text folder); raises the loaders' own
+    one-line error otherwise. Specs without a path (torchvision's cifar10) are found when loaded."""
+    from .data import resolve_folder
+    from .text_data import TASKS, resolve_text
+
+    kind, _, path = spec.strip().partition(":")
+    if kind in TASKS:
+        resolve_text(kind, path or None, data_dir)
+    elif kind == "imagefolder" or (kind in ("cifar10", "cifar100") and path):
+        resolve_folder(path or None, data_dir)
 
 
 def _report_if_complete(configs, out: Path) -> None:

@@ -149,7 +149,7 @@ def load_text(spec: str, data_dir: str | os.PathLike | None = None, *, vocab_siz
         raise GammaGuideError(f"--vocab-size must be at least {len(SPECIALS) + 10}, got {vocab_size}")
     if max_len < 4:
         raise GammaGuideError(f"--max-len must be at least 4 tokens, got {max_len}")
-    root = _resolve(name, arg or None, data_dir)
+    root = resolve_text(name, arg or None, data_dir)
     files = _files(name, root)
     key = _cache_key(root, files, vocab_size, max_len)
     path = cache_dir() / f"text-{name}-{key}.pt"
@@ -167,7 +167,8 @@ def load_text(spec: str, data_dir: str | os.PathLike | None = None, *, vocab_siz
     return _from_blob(name, root, blob)
 
 
-def _resolve(name: str, path: str | None, data_dir) -> Path:
+def resolve_text(name: str, path: str | None, data_dir) -> Path:
+    """The folder of a text task's data: PATH itself, or under --data-dir or $GAMMAGUIDE_DATA."""
     bases = [Path(b).expanduser() for b in (data_dir, os.environ.get(DATA_ENV)) if b]
     if path:
         candidates = [Path(path).expanduser()] + [b / path for b in bases if not Path(path).is_absolute()]
