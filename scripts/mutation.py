@@ -76,6 +76,11 @@ def mutmut_config(module: dict, dest: Path) -> str:
         # torch is not fork-safe once it has run: each mutant's tests run in a process forked from a
         # server that has imported them and run nothing.
         "process_isolation": "forkserver",
+        # mutmut's CPU-time limit is 15x a test's measured time + this. A test's first call of scipy
+        # (imported lazily) or of a torch kernel costs a second or more in the forked process that
+        # it did not cost when timed: with mutmut's default of 1 s those mutants "time out" (and
+        # would count as killed) whatever they change.
+        "timeout_constant": 30.0,
         "use_git_change_detection": False,
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
@@ -127,8 +132,10 @@ def summarize(name: str, module: dict, workdir: Path, meta: Path, wall: float, k
     stale = [m for m in equivalent if m not in codes or codes[m] in KILLED]
     counted = len(killed) + len(survived)
     score = 100.0 * len(killed) / counted if counted else 0.0
+    timeouts = sum(KILLED[codes[m]] == "timeout" for m in killed)
     print(f"{name} ({module['path']}): {len(codes)} mutants, {len(listed)} equivalent, "
-          f"{len(killed)} / {counted} killed ({score:.1f} %), {len(survived)} survived"
+          f"{len(killed)} / {counted} killed ({score:.1f} %; {timeouts} of them by a timeout), "
+          f"{len(survived)} survived"
           + (f", {len(not_run)} not run" if not_run else "") + f"; {wall / 60:.1f} min")
     for mutant in survived:
         status = "no tests" if codes[mutant] in (5, 33) else f"exit {codes[mutant]}"
