@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from example_helpers import load_example
 from torch import nn
 
 import gammaguide as gg
 from gammaguide.models import create_model
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def decay_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, bool]:

@@ -4,23 +4,13 @@ the plain-loop example; each records per role, and the Trainer trains bit for bi
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from example_helpers import load_example
 
 from gammaguide.monitor import read_jsonl
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_hf_trainer_callback_records_and_changes_nothing(tmp_path):

@@ -19,15 +19,39 @@ from .errors import GammaGuideError
 ROLE_ORDER = ("residual_last", "scale_invariant", "merged", "shortcut", "stream", "head")
 
 
-def _plt():
+def pyplot(missing: str = "drawing needs matplotlib; run: pip install matplotlib"):
+    """matplotlib's pyplot on the file-only Agg backend; ``missing`` is the error when it is not installed.
+    Shared with the ablation report's plots (experiments/plots.py)."""
     try:
         import matplotlib
     except ImportError:
-        raise GammaGuideError("drawing needs matplotlib; run: pip install matplotlib") from None
+        raise GammaGuideError(missing) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figures(plt, plots, subject, colors, out: Path, name: Callable[[str], str],
+                 dpi: int) -> list[tuple[str, str]]:
+    """Draw each ``(stem, caption, draw)`` of ``plots`` from ``subject`` and save it as ``out/name(stem)``;
+    a ``draw`` that returns None (nothing to show) is skipped. Returns (file name, caption) pairs."""
+    written = []
+    for stem, caption, draw in plots:
+        fig = draw(plt, subject, colors)
+        if fig is None:
+            continue
+        fig.tight_layout()
+        fig.savefig(out / name(stem), dpi=dpi)
+        plt.close(fig)
+        written.append((name(stem), caption))
+    return written
+
+
+def legend(ax) -> None:
+    """A legend where the panel has labelled lines (a role or run may have none to draw)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 Run = Sequence[Mapping[str, Any]]  # one run's records, as Record.to_dict() gives them
@@ -64,22 +88,12 @@ def plot_runs(runs: Mapping[str, Run], out: str | Path, prefix: str = "monitor_"
     """Draw ``runs`` (label -> records) into ``out``; returns (file name, caption) pairs."""
     if not runs or not any(runs.values()):
         raise GammaGuideError("no monitor records to draw")
-    plt = _plt()
+    plt = pyplot()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cmap = plt.get_cmap("tab10")
     colors = {label: cmap(i % 10) for i, label in enumerate(runs)}
-    written = []
-    for stem, caption, draw in _PLOTS:
-        fig = draw(plt, runs, colors)
-        if fig is None:
-            continue
-        fig.tight_layout()
-        name = f"{prefix}{stem}.png"
-        fig.savefig(out / name, dpi=80)
-        plt.close(fig)
-        written.append((name, caption))
-    return written
+    return save_figures(plt, _PLOTS, runs, colors, out, lambda stem: f"{prefix}{stem}.png", dpi=80)
 
 
 def _gamma(plt, runs, colors):
@@ -96,7 +110,7 @@ def _gamma(plt, runs, colors):
                 ax.plot(x, y, color=colors[label], label=label)
         ax.set_title(f"mean |γ|: {role}", fontsize=9)
         ax.set_xlabel("step")
-    _legend(axes[0][0])
+    legend(axes[0][0])
     return fig
 
 
@@ -118,7 +132,7 @@ def _effective_lr(plt, runs, colors):
         _log_scale(ax)
     for ax in axes:
         ax.set_xlabel("step")
-    _legend(axes[0])
+    legend(axes[0])
     return fig
 
 
@@ -145,7 +159,7 @@ def _variance(plt, runs, colors):
     for ax in axes:
         ax.axhline(1.0, color="gray", lw=0.6, ls="--")
         _log_scale(ax)
-    _legend(axes[0])
+    legend(axes[0])
     return fig
 
 
@@ -159,11 +173,6 @@ _PLOTS = (
 def _log_scale(ax) -> None:
     if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
         ax.set_yscale("log")
-
-
-def _legend(ax) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
 
 
 # ----------------------------------------------------------------------------- command line

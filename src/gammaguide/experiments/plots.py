@@ -7,20 +7,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import GammaGuideError
+from ..monitor_plots import legend, pyplot, save_figures
 from .summary import BASELINE, ROLE_ORDER, mean_ratio
 
 
 def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        raise GammaGuideError("plots need matplotlib; run: pip install 'gammaguide[experiments]', "
-                              "or pass --no-plots") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("plots need matplotlib; run: pip install 'gammaguide[experiments]', or pass --no-plots")
 
 
 def _series(exp, arm: str, get: Callable[[dict[str, Any]], float | None]) -> tuple[list[int], list[float]]:
@@ -46,17 +38,7 @@ def plot_experiment(exp, out: Path, suffix: str = "") -> list[tuple[str, str]]:
     """Write the plots of one experiment; returns (file name, caption) pairs."""
     plt = _plt()
     colors = dict(zip([a.arm for a in exp.arms], _colors(plt, len(exp.arms)), strict=True))
-    written = []
-    for stem, caption, draw in PLOTS:
-        fig = draw(plt, exp, colors)
-        if fig is None:
-            continue
-        fig.tight_layout()
-        name = f"{stem}{suffix}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append((name, caption))
-    return written
+    return save_figures(plt, PLOTS, exp, colors, out, lambda stem: f"{stem}{suffix}.png", dpi=110)
 
 
 def _accuracy(plt, exp, colors):
@@ -102,7 +84,7 @@ def _gamma(plt, exp, colors):
                 ax.plot(x, y, color=colors[a.arm], label=a.arm)
         ax.set_title(f"mean |γ|: {role}")
         ax.set_xlabel("epoch")
-    _legend(axes[0][0])
+    legend(axes[0][0])
     return fig
 
 
@@ -120,7 +102,7 @@ def _effective_lr(plt, exp, colors):
     for ax in axes:
         _log_scale(ax)
         ax.set_xlabel("epoch")
-    _legend(axes[0])
+    legend(axes[0])
     return fig
 
 
@@ -143,7 +125,7 @@ def _variance_ratio(plt, exp, colors):
         axes[1].set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)
     for ax in axes:
         _log_scale(ax)
-    _legend(axes[0])
+    legend(axes[0])
     return fig
 
 
@@ -171,8 +153,3 @@ def _log_scale(ax) -> None:
     if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
         ax.set_yscale("log")
 
-
-def _legend(ax) -> None:
-    """A legend where the panel has labelled lines (a role or arm may have none to draw)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
