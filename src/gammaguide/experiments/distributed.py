@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import GammaGuideError
+from .numerics import default_threads
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def init_distributed(device: str = "auto") -> DistContext:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cpu":
             # Processes share the machine's cores; oversubscribing them slows every rank down.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+            torch.set_num_threads(default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return DistContext(rank, world, local, dev)
 
 
@@ -98,7 +99,7 @@ def load_once(ctx: DistContext, task: Any, cfg: Any, data_dir: str | None = None
 def worker_context(device: str, jobs: int) -> tuple[DistContext, Callable[[str], None]]:
     """For a worker process of ``--jobs``: its share of the threads (jobs at once must not
     oversubscribe the cores), its device, and a log that says which worker speaks."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    torch.set_num_threads(default_threads(jobs))
     pid = os.getpid()
 
     def log(msg: str) -> None:

@@ -313,7 +313,7 @@ def _collect(results, procs) -> list:
 
 def _probe(base: Any, data_dir, device, jobs, seconds, start_line, results, size=1, compile=False) -> None:
     """(steps/s, seconds of one measurement, steps of a whole epoch) of one unit of the grid."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    torch.set_num_threads(numerics.default_threads(jobs))
     data = for_config(base).load(base, data_dir, progress=False)
     unit = (replace(base, epochs=1000) if size <= 1
             else [replace(base, seed=base.seed + i, epochs=1000) for i in range(size)])
