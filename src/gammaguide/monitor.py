@@ -11,32 +11,30 @@ probe batch (analysis 1). It reads parameters and runs the probe in eval mode wi
 of state put back (mode, BatchNorm statistics, RNGs), so training is bit for bit what it would
 have been without it (tests/test_monitor.py).
 
-The measurement functions here (``squared_norms``, ``role_stats``, ``mean_eff_lr``,
-``variance_ratios``) are also what the ablation harness records its mechanisms with
-(``experiments/mechanisms.py``): one implementation.
+What it measures is in ``monitor_measures`` (plain functions, which the ablation harness records
+its mechanisms with too); its records and sinks in ``monitor_records``. Both are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
-import random
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .analysis import build_report, residual_variances, trace_model
+from .analysis import build_report, trace_model
 from .errors import GammaGuideError
 from .groups import check_report
+from .monitor_measures import mean_eff_lr, role_stats, squared_norms, variance_ratios
+from .monitor_records import (GroupStats, JsonlSink, LoggingSink, Record, RoleStats, TensorBoardSink, WandbSink,
+                              WeightStats, as_sink, read_jsonl)
 from .policy import resolve_policy
 from .report import Report
 from .roles import ROLES
@@ -48,324 +46,6 @@ __all__ = ["Monitor", "Record", "RoleStats", "WeightStats", "GroupStats", "Monit
 
 class MonitorWarning(UserWarning):
     """A finding of ``Monitor`` that a person can act on (each is issued once)."""
-
-
-# ----------------------------------------------------------------------------- measurements
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The part of ``p`` this process holds: a DTensor's (FSDP2) local shard, else ``p``."""
-    to_local = getattr(p, "to_local", None)
-    return to_local() if callable(to_local) else p
-
-
-@torch.no_grad()
-def squared_norms(params: Sequence[torch.Tensor], sharded: bool = False) -> list[float]:
-    """‖p‖² of each parameter, in float32 (one device sync for all of them). ``sharded``: the
-    parameters are FSDP shards; the shards' sums are added over the ranks (one all-reduce, a
-    collective every rank must join), giving whole-parameter norms."""
-    if not params:
-        return []
-    local = [_local(p).detach() for p in params]
-    device = local[0].device
-    sq = torch.stack([t.float().pow(2).sum().to(device) for t in local])
-    if sharded:
-        torch.distributed.all_reduce(sq)
-    return sq.tolist()
-
-
-@torch.no_grad()
-def _mean_abs(params: Sequence[torch.Tensor], sharded: bool = False) -> float:
-    """Mean |x| over every element of ``params`` together."""
-    local = [_local(p).detach() for p in params]
-    device = local[0].device
-    if not sharded:
-        return float(torch.cat([t.float().abs().flatten().to(device) for t in local]).mean())
-    sums = torch.stack([torch.stack([t.float().abs().sum(), torch.tensor(float(t.numel()), device=t.device)]).to(device)
-                        for t in local]).sum(0)
-    torch.distributed.all_reduce(sums)
-    total, count = sums.tolist()
-    return total / count if count else float("nan")
-
-
-def mean_eff_lr(params: Sequence[torch.Tensor], lr_of: Callable[[torch.Tensor], float],
-                sq: Sequence[float] | None = None, sharded: bool = False) -> float:
-    """Mean over ``params`` of lr/‖p‖², with ``lr_of(p)`` the learning rate its group steps it with
-    and ``sq`` their ``squared_norms`` when already known."""
-    if sq is None:
-        sq = squared_norms(params, sharded)
-    vals = [lr_of(p) / max(s, 1e-12) for p, s in zip(params, sq, strict=True)]
-    return sum(vals) / len(vals)
-
-
-def role_stats(gammas: Mapping[str, Sequence[torch.Tensor]], lr_of: Callable[[torch.Tensor], float],
-               sharded: bool = False) -> dict[str, dict[str, float]]:
-    """Per role (in the mapping's order): ``gamma_abs`` (mean |γ| over all elements of the role's γ),
-    ``gamma_norm`` (mean over its γ vectors of ‖γ‖) and ``eff_lr`` (mean over its γ vectors of
-    lr/‖γ‖², ``lr_of(γ)`` the learning rate its group steps it with)."""
-    out = {}
-    for role, ps in gammas.items():
-        if not ps:
-            continue
-        sq = squared_norms(ps, sharded)
-        out[role] = {
-            "gamma_abs": _mean_abs(ps, sharded),
-            "gamma_norm": sum(math.sqrt(s) for s in sq) / len(sq),
-            "eff_lr": mean_eff_lr(ps, lr_of, sq),
-        }
-    return out
-
-
-def variance_ratios(model: nn.Module, batch: Any) -> dict[str, float]:
-    """var(branch) / var(skip) at each residual sum, from one traced forward pass on ``batch`` in
-    eval mode (``residual_variances``), keyed by the module whose forward makes the sum (a second
-    sum in one module gets a ' appended). The model's mode, BatchNorm statistics and everything
-    else its forward stores are put back (``residual_variances``); so are the RNGs (Python's,
-    NumPy's, torch's CPU and CUDA generators), and autocast is off for the pass."""
-    with _rngs_kept(model), _no_autocast():
-        found = residual_variances(model, batch)
-    out: dict[str, float] = {}
-    for rv in found:
-        key = rv.module_name or "<model>"
-        while key in out:  # two residual adds in one module (a transformer block)
-            key += "'"
-        out[key] = rv.ratio
-    return out
-
-
-@contextlib.contextmanager
-def _rngs_kept(model: nn.Module) -> Iterator[None]:
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    py = random.getstate()
-    np_random = sys.modules.get("numpy.random")
-    np_state = np_random.get_state() if np_random is not None else None
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
-    finally:
-        random.setstate(py)
-        if np_state is not None:
-            np_random.set_state(np_state)
-
-
-@contextlib.contextmanager
-def _no_autocast() -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if device == "cuda" and not torch.cuda.is_available():
-                continue
-            stack.enter_context(torch.autocast(device, enabled=False))
-        yield
-
-
-# ----------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class RoleStats:
-    """The γ of one role that the optimizer holds, at one step."""
-
-    count: int  # γ vectors
-    gamma_abs: float  # mean |γ| over all their elements
-    gamma_norm: float  # mean over the vectors of ‖γ‖
-    eff_lr: float  # mean over the vectors of lr/‖γ‖², lr: the rate its group steps it with now
-    decayed: int  # how many the optimizer decays (weight_decay > 0 in their group)
-    decay_time: float  # mean over the vectors of their group's Σ lr_t·λ so far
-
-
-@dataclass(frozen=True)
-class WeightStats:
-    """The scale-invariant conv/linear weights (a normalization divides their scale out)."""
-
-    count: int
-    weight_norm: float  # mean ‖W‖
-    eff_lr: float  # mean lr/‖W‖²
-    decayed: int
-    decay_time: float
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """One optimizer parameter group at one step."""
-
-    lr: float
-    weight_decay: float
-    decay_time: float  # Σ over the steps so far of lr_t·λ
-
-
-@dataclass(frozen=True)
-class Record:
-    """What the monitor measured after optimizer step ``step`` (0: when it was attached)."""
-
-    step: int
-    roles: dict[str, RoleStats]
-    weights: WeightStats | None  # None: no scale-invariant weight (transformers) or no trace
-    variance: dict[str, float] = field(default_factory=dict)  # sum -> var(branch)/var(skip); {}: not probed
-    groups: dict[str, GroupStats] = field(default_factory=dict)
-    warnings: tuple[str, ...] = ()  # the warnings first issued at this step
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "roles": {r: asdict(s) for r, s in self.roles.items()},
-            "weights": None if self.weights is None else asdict(self.weights),
-            "variance": dict(self.variance),
-            "groups": {g: asdict(s) for g, s in self.groups.items()},
-            "warnings": list(self.warnings),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Record":
-        return cls(
-            step=int(d["step"]),
-            roles={r: RoleStats(**s) for r, s in (d.get("roles") or {}).items()},
-            weights=None if not d.get("weights") else WeightStats(**d["weights"]),
-            variance=dict(d.get("variance") or {}),
-            groups={g: GroupStats(**s) for g, s in (d.get("groups") or {}).items()},
-            warnings=tuple(d.get("warnings") or ()),
-        )
-
-    def scalars(self) -> dict[str, float]:
-        """Flat ``{name: value}`` for a scalar logger: ``gamma_abs/residual_last``,
-        ``eff_lr/scale_invariant``, ``weights/eff_lr``, ``variance/layer1.0``, ``decay_time/<group>``..."""
-        out: dict[str, float] = {}
-        for role, s in self.roles.items():
-            out[f"gamma_abs/{role}"] = s.gamma_abs
-            out[f"gamma_norm/{role}"] = s.gamma_norm
-            out[f"eff_lr/{role}"] = s.eff_lr
-        if self.weights is not None:
-            out["weights/weight_norm"] = self.weights.weight_norm
-            out["weights/eff_lr"] = self.weights.eff_lr
-        finite = [v for v in self.variance.values() if math.isfinite(v)]
-        for name, v in self.variance.items():
-            out[f"variance/{name}"] = v
-        if finite:
-            out["variance/mean"] = sum(finite) / len(finite)
-            out["variance/max"] = max(finite)
-        for g, s in self.groups.items():
-            out[f"decay_time/{g}"] = s.decay_time
-        return out
-
-
-def read_jsonl(path: str | os.PathLike) -> list[Record]:
-    """The records of a monitor's JSONL file (``Monitor.to_jsonl`` or a ``JsonlSink``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise GammaGuideError(f"no monitor records at {str(p)!r}: pass the JSONL file that Monitor.to_jsonl() or "
-                              f"its jsonl sink wrote")
-    out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(Record.from_dict(json.loads(line)))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GammaGuideError(f"{p}:{i} is not a monitor record ({type(exc).__name__}: {exc})") from None
-    return out
-
-
-# ----------------------------------------------------------------------------- sinks
-
-
-class TensorBoardSink:
-    """Every scalar of a record to a ``torch.utils.tensorboard.SummaryWriter`` (at the record's step)."""
-
-    def __init__(self, writer: Any, prefix: str = "gammaguide"):
-        self.writer, self.prefix = writer, prefix
-
-    def write(self, record: Record) -> None:
-        for k, v in record.scalars().items():
-            self.writer.add_scalar(f"{self.prefix}/{k}", v, record.step)
-        for w in record.warnings:
-            self.writer.add_text(f"{self.prefix}/warnings", w, record.step)
-
-    def flush(self) -> None:
-        self.writer.flush()
-
-
-class WandbSink:
-    """Every scalar of a record to Weights & Biases: ``run.log`` (or ``wandb.log`` when ``run`` is
-    None; wandb is imported only then). The monitor's step goes in as ``<prefix>/step``, not as
-    W&B's step, which the training loop's own logging owns."""
-
-    def __init__(self, run: Any = None, prefix: str = "gammaguide"):
-        if run is None:
-            try:
-                import wandb
-            except ImportError:
-                raise GammaGuideError("WandbSink needs wandb: pip install wandb, or pass another sink") from None
-            run = wandb
-        self.run, self.prefix = run, prefix
-
-    def write(self, record: Record) -> None:
-        data = {f"{self.prefix}/{k}": v for k, v in record.scalars().items()}
-        data[f"{self.prefix}/step"] = record.step
-        self.run.log(data)
-
-
-class LoggingSink:
-    """One line per record to a ``logging.Logger`` (warnings at WARNING)."""
-
-    def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO):
-        self.logger, self.level = logger or logging.getLogger("gammaguide.monitor"), level
-
-    def write(self, record: Record) -> None:
-        parts = [f"|γ| {r} {s.gamma_abs:.3g}" for r, s in record.roles.items()]
-        si = record.roles.get("scale_invariant")
-        if si is not None:
-            parts.append(f"eff_lr γ {si.eff_lr:.3g}")
-        if record.weights is not None:
-            parts.append(f"eff_lr W {record.weights.eff_lr:.3g}")
-        finite = [v for v in record.variance.values() if math.isfinite(v)]
-        if finite:
-            parts.append(f"var(branch)/var(skip) mean {sum(finite) / len(finite):.3g} max {max(finite):.3g}")
-        self.logger.log(self.level, "gammaguide step %d: %s", record.step, ", ".join(parts))
-        for w in record.warnings:
-            self.logger.warning("gammaguide: %s", w)
-
-
-class JsonlSink:
-    """Appends each record as one JSON line as it comes (a crashed run keeps what it recorded)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-        self._file = self.path.open("a")
-
-    def write(self, record: Record) -> None:
-        self._file.write(json.dumps(record.to_dict()) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _FunctionSink:
-    def __init__(self, fn: Callable[[Record], Any]):
-        self.fn = fn
-
-    def write(self, record: Record) -> None:
-        self.fn(record)
-
-
-def _as_sink(obj: Any) -> tuple[Any, bool]:
-    """(sink, whether the monitor owns it and closes it)."""
-    if isinstance(obj, (str, os.PathLike)):
-        return JsonlSink(obj), True
-    if callable(getattr(obj, "write", None)) and not hasattr(obj, "add_scalar"):
-        return obj, False
-    if callable(getattr(obj, "add_scalar", None)):
-        return TensorBoardSink(obj), False
-    if isinstance(obj, logging.Logger):
-        return LoggingSink(obj), False
-    if callable(getattr(obj, "log", None)):  # the wandb module or a wandb run
-        return WandbSink(obj), False
-    if callable(obj):
-        return _FunctionSink(obj), False
-    raise GammaGuideError(f"sinks: cannot send records to {type(obj).__name__} {obj!r}; pass a SummaryWriter, a "
-                          f"logging.Logger, wandb (or a wandb run), a path for a JSONL file, a function of a "
-                          f"Record, or an object with a write(record) method")
 
 
 # ----------------------------------------------------------------------------- the monitor
@@ -467,7 +147,7 @@ class Monitor:
         self._probe = probe if probe is not None else example_inputs
         self._sinks, self._owned = [], []
         for s in sinks if self._records else ():  # other ranks send nothing (and open no file)
-            sink, owned = _as_sink(s)
+            sink, owned = as_sink(s)
             self._sinks.append(sink)
             if owned:
                 self._owned.append(sink)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import monitor
+from .. import monitor_measures as monitor
 from ..report import Report
 
 
@@ -43,7 +43,7 @@ def role_tensors(model: nn.Module, report: Report, optimizer: torch.optim.Optimi
 def gamma_stats(rt: RoleTensors, lr: float) -> dict[str, Any]:
     """{"gamma_abs": {role: mean |γ|}, "gamma_eff_lr": {role: mean lr/||γ||²}, "weight_eff_lr": mean
     lr/||W||²}, with ``lr`` the base learning rate (times each group's ``lr_scale``). Measured by
-    the monitor's functions (``gammaguide.monitor``), as ``gg.Monitor`` measures them."""
+    the monitor's functions (``gammaguide.monitor_measures``), as ``gg.Monitor`` measures them."""
 
     def lr_of(p: torch.Tensor) -> float:
         return lr * rt.lr_scale.get(id(p), 1.0)
@@ -58,6 +58,6 @@ def gamma_stats(rt: RoleTensors, lr: float) -> dict[str, Any]:
 
 def variance_ratios(model: nn.Module, batch: torch.Tensor) -> dict[str, float]:
     """var(branch) / var(skip) at each residual addition, in eval mode on ``batch``
-    (``gammaguide.monitor.variance_ratios``: one traced forward pass that leaves the model's mode,
+    (``gammaguide.monitor_measures.variance_ratios``: one traced forward pass that leaves the model's mode,
     BatchNorm statistics and RNGs exactly as they were)."""
     return monitor.variance_ratios(model, batch)
