@@ -104,7 +104,7 @@ def run(name: str, jobs: int, keep: Path | None, committed: bool = False) -> int
             f.write(mutmut_config(module, workdir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on the path itself
-    mutmut = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+    mutmut = _mutmut()
     start = time.monotonic()
     proc = subprocess.run([mutmut, "run", "--max-children", str(jobs)], cwd=workdir, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -151,13 +151,18 @@ def summarize(name: str, module: dict, workdir: Path, meta: Path, wall: float, k
     return 1 if survived or stale else 0
 
 
+def _mutmut() -> str:
+    """mutmut's command: on PATH, or next to this Python (a virtual environment not activated)."""
+    return shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+
+
 def _order(mutant: str) -> tuple[str, int]:
     head, _, number = mutant.rpartition("__mutmut_")
     return head, int(number) if number.isdigit() else 0
 
 
 def _diff(workdir: Path, mutant: str) -> str:
-    shown = subprocess.run(["mutmut", "show", mutant], cwd=workdir, capture_output=True, text=True)
+    shown = subprocess.run([_mutmut(), "show", mutant], cwd=workdir, capture_output=True, text=True)
     lines = [line for line in shown.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     return "\n".join(lines) or shown.stdout.strip()
 
