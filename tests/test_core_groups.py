@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -282,3 +284,64 @@ def test_a_per_channel_vector_kept_as_c_by_1_by_1_is_not_a_weight():
     assert scale.shape == (96, 1, 1) and scale.kind == "other" and not scale.decay
     assert info["features.1.0.block.0.weight"].kind == "weight" and info["features.1.0.block.0.weight"].decay
     assert "features.1.0.layer_scale" in {p.name for p in report.others}
+
+
+def test_skip_list_through_param_groups_with_and_without_a_report(zoo):
+    named = dict(zoo.named_parameters())
+    skipped = {id(named["bn2.weight"]), id(named["conv1.weight"])}
+
+    def undecayed(groups):
+        return {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+
+    traced = gg.param_groups(zoo, WD, X, skip_list=("bn2.weight", "conv1.weight"))
+    reused = gg.param_groups(zoo, WD, report=gg.analyze(zoo, X), skip_list=("bn2.weight", "conv1.weight"))
+    plain = gg.param_groups(zoo, WD, X)
+    for groups in (traced, reused):
+        assert_partition(zoo, groups)
+        assert skipped <= undecayed(groups)
+        assert undecayed(groups) - skipped == undecayed(plain)
+
+
+def test_group_messages_name_the_problem(zoo):
+    with pytest.raises(gg.GammaGuideError, match=r"unknown role\(s\) \['sream'\]; roles are residual_last, "
+                                                 r"scale_invariant, merged"):
+        gg.param_groups(zoo, WD, X, lr_scale={"sream": 0.5})
+    with pytest.raises(gg.GammaGuideError, match=r"lr_scale\['stream'\] must be a finite number >= 0, got -1; "
+                                                 r"pass a factor such as lr_scale=\{'stream': 0.5\}"):
+        gg.param_groups(zoo, WD, X, lr_scale={"stream": -1})
+    with pytest.raises(gg.GammaGuideError, match=r"^decay_bias and decay_beta are decided when the report is made: "
+                                                 r"pass them to gammaguide.analyze\(\), or leave report= out$"):
+        gg.param_groups(zoo, WD, report=gg.analyze(zoo, X), decay_beta=True)
+
+
+@pytest.mark.parametrize("names, text", [
+    ([], ""), (["a"], "'a'"), (["a", "b", "c"], "'a', 'b', 'c'"), (["a", "b", "c", "d"], "'a', 'b', 'c' and 1 more"),
+])
+def test_some_names_at_most_three(names, text):
+    assert groups_module._some(names) == text
+
+
+def test_group_names_say_decay_and_learning_rate_factor(zoo):
+    groups = gg.param_groups(zoo, WD, X, lr_scale={"stream": 0.5, "residual_last": 2.0})
+    assert sorted(g["name"] for g in groups) == ["decay", "decay_lr_x2", "no_decay", "no_decay_lr_x0.5"]
+    assert {g["name"]: g["weight_decay"] for g in groups}["decay_lr_x2"] == WD
+    assert sorted(g["name"] for g in gg.param_groups(zoo, WD, X)) == ["decay", "no_decay"]
+
+
+def test_a_model_without_norms_warns_once_from_the_callers_line():
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning) as caught:
+        groups = gg.param_groups(plain, WD, torch.randn(2, 4))
+    [w] = caught
+    assert str(w.message) == ("Sequential has no normalization layers: returning plain groups (weights decayed, "
+                              "biases and 1-D parameters not)")
+    assert w.filename == __file__
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(plain[0].weight), id(plain[2].weight)}
+
+
+def test_a_model_with_norms_does_not_warn(zoo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gg.param_groups(zoo, WD, X)
+        gg.param_groups(zoo, WD, report=gg.analyze(zoo, X))
