@@ -4,6 +4,7 @@ skips, and how the skipped lines are described. No training: these run in millis
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -116,3 +117,38 @@ def test_run_key_depends_on_the_settings_not_their_order():
     assert len(a) == 16 and int(a, 16) >= 0
     assert a != R.run_key({"arm": "guidelines", "seed": 1, "path": Path("x")})
     assert R.run_key({"arm": "all"}) == "dca8133f0bb912e0"  # stable across versions: resumed grids rely on it
+
+
+def test_a_line_keeps_the_records_field_order_and_the_file_is_readable_by_all(tmp_path):
+    # Field order is part of what the identical-records check compares (scripts/compare_records.py):
+    # a record reads as written. The file is rw-r--r-- whatever mode os.open would default to.
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / R.RESULTS_NAME
+        R.append_line(path, {"key": "a", "zeta": 1, "alpha": 2})
+    finally:
+        os.umask(old)
+    assert path.read_text() == '{"key": "a", "zeta": 1, "alpha": 2}\n'
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_run_records_json_is_every_field_in_order():
+    rec = R.RunRecord(key="k", arm="guidelines", seed=3, status="ok", reason=None, test_acc=0.5, model="resnet20",
+                      data="synthetic", epochs=2, settings={"lr": 0.1})
+    d = rec.to_json()
+    assert list(d)[:11] == ["key", "arm", "seed", "status", "reason", "test_acc", "model", "data", "epochs",
+                            "settings", "schema"]
+    assert d["seed"] == 3 and d["settings"] == {"lr": 0.1} and d["schema"] == R.SCHEMA and d["history"] == []
+
+
+def test_finished_keys_reads_quietly_and_read_lines_warns_at_its_caller(tmp_path):
+    path = tmp_path / R.RESULTS_NAME
+    R.append_line(path, ok("a"))
+    with open(path, "ab") as f:
+        f.write(b"not json\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert R.finished_keys(path) == {"a"}
+    with pytest.warns(UserWarning, match="the other lines are kept") as caught:
+        R.read_lines(path)
+    assert caught[0].filename == __file__
