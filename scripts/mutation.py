@@ -119,7 +119,8 @@ def run(name: str, jobs: int, keep: Path | None, committed: bool = False) -> int
 def summarize(name: str, module: dict, workdir: Path, meta: Path, wall: float, kept: bool) -> int:
     codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
     equivalent = {e["mutant"]: e for e in module.get("equivalent", [])}
-    killed, survived, not_run, listed = [], [], [], []
+    outside = {e["mutant"]: e for e in module.get("outside", [])}  # pinned by a test mutmut cannot run as is
+    killed, survived, not_run, listed, pinned = [], [], [], [], []
     for mutant, code in sorted(codes.items(), key=lambda kv: _order(kv[0])):
         if code in KILLED:
             killed.append(mutant)
@@ -127,6 +128,8 @@ def summarize(name: str, module: dict, workdir: Path, meta: Path, wall: float, k
             not_run.append(mutant)
         elif mutant in equivalent:
             listed.append(mutant)
+        elif mutant in outside:
+            pinned.append(mutant)
         else:
             survived.append(mutant)  # survived (0), no tests (5, 33), suspicious, segfault
     stale = [m for m in equivalent if m not in codes or codes[m] in KILLED]
@@ -136,6 +139,7 @@ def summarize(name: str, module: dict, workdir: Path, meta: Path, wall: float, k
     print(f"{name} ({module['path']}): {len(codes)} mutants, {len(listed)} equivalent, "
           f"{len(killed)} / {counted} killed ({score:.1f} %; {timeouts} of them by a timeout), "
           f"{len(survived)} survived"
+          + (f", {len(pinned)} pinned by tests outside mutmut (not counted)" if pinned else "")
           + (f", {len(not_run)} not run" if not_run else "") + f"; {wall / 60:.1f} min")
     for mutant in survived:
         status = "no tests" if codes[mutant] in (5, 33) else f"exit {codes[mutant]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -335,7 +336,8 @@ def test_a_model_without_norms_warns_once_from_the_callers_line():
     [w] = caught
     assert str(w.message) == ("Sequential has no normalization layers: returning plain groups (weights decayed, "
                               "biases and 1-D parameters not)")
-    assert w.filename == __file__
+    if "mutmut" not in sys.modules:  # under mutation testing a trampoline frame sits between us and it
+        assert w.filename == __file__
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(plain[0].weight), id(plain[2].weight)}
 

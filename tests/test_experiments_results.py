@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -151,4 +152,5 @@ def test_finished_keys_reads_quietly_and_read_lines_warns_at_its_caller(tmp_path
         assert R.finished_keys(path) == {"a"}
     with pytest.warns(UserWarning, match="the other lines are kept") as caught:
         R.read_lines(path)
-    assert caught[0].filename == __file__
+    if "mutmut" not in sys.modules:  # under mutation testing a trampoline frame sits between us and it
+        assert caught[0].filename == __file__

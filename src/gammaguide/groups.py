@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from numbers import Real
 from typing import Any, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .analysis import analyze, check_skip_list, skipped_ids
@@ -47,9 +50,23 @@ class ParamGroup(dict):
                     f"optimizer inherits the first one's (lr={self.get('lr')!r}, ...) and both share one "
                     f"learning-rate schedule. Call gammaguide.param_groups() once per optimizer (every call "
                     f"returns fresh groups).",
-                    stacklevel=3,
+                    stacklevel=_stacklevel_outside_torch(),
                 )
         return super().setdefault(key, default)
+
+
+# torch.optim adopts a group several calls deep (Optimizer.__init__, add_param_group, a dynamo
+# wrapper): a fixed stacklevel would point into torch. Count frames up to the caller's own code.
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,))
+
+
+def _stacklevel_outside_torch() -> int:
+    """The ``stacklevel`` (counted from the function that calls this one) of the first frame
+    outside torch: the user's line that built the optimizer."""
+    level, frame = 2, sys._getframe(2)  # stacklevel 2: the caller of the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def check_rate(what: str, value: Any, hint: str) -> None:
