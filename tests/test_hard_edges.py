@@ -253,7 +253,8 @@ def test_second_optimizer_from_the_same_groups_warns():
     model = MLP()
     groups = gg.param_groups(model, 5e-4, torch.randn(2, 4))
     sgd = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-    with pytest.warns(UserWarning, match="given to a second optimizer.*lr=0.1") as caught:
+    with pytest.warns(UserWarning, match="param group 'decay' from gammaguide.param_groups is given to a second "
+                                         "optimizer.*lr=0.1") as caught:
         adam = torch.optim.AdamW(groups, lr=1e-3)
     if "mutmut" not in sys.modules:  # under mutation testing a trampoline frame sits between us and it
         # It points at the line that built the second optimizer, not into torch.optim.
@@ -273,3 +274,30 @@ def test_ordinary_use_of_one_optimizer_does_not_warn():
         opt.step()
         opt.load_state_dict(opt.state_dict())
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+
+
+def test_a_param_group_is_built_like_a_dict():
+    from gammaguide.groups import ParamGroup
+
+    g = ParamGroup({"params": [1]}, name="decay")
+    assert g == {"params": [1], "name": "decay"}
+
+
+def test_a_users_setdefault_before_the_optimizer_does_not_count_as_an_adoption():
+    model = MLP()
+    groups = gg.param_groups(model, 5e-4, torch.randn(2, 4))
+    for g in groups:
+        g.setdefault("momentum", 0.9)  # the user's own default, before any optimizer sees the group
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = torch.optim.SGD(groups, lr=0.1)
+    assert [g["momentum"] for g in opt.param_groups] == [0.9] * len(groups)
+
+
+def test_a_nameless_param_group_is_named_empty_in_the_warning():
+    from gammaguide.groups import ParamGroup
+
+    g = ParamGroup(params=[nn.Parameter(torch.zeros(2))])
+    torch.optim.SGD([g], lr=0.1)
+    with pytest.warns(UserWarning, match="^param group '' from gammaguide.param_groups is given to a second"):
+        torch.optim.AdamW([g], lr=1e-3)
