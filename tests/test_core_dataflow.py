@@ -74,6 +74,41 @@ def test_residual_add_spellings(spelling, skip_first, roles):
     assert add.branch_weighted > add.skip_weighted
 
 
+class Chain(nn.Module):
+    """Three branches added to the skip in one chain of additions, the skip entering the chain's
+    last op as its first argument (``((h + a) + b) + c``) or its second (``c + (b + (a + h))``)."""
+
+    def __init__(self, skip_first: bool):
+        super().__init__()
+        self.skip_first = skip_first
+        self.stem, self.a, self.b, self.c = conv_bn(3, D), conv_bn(D, D), conv_bn(D, D), conv_bn(D, D)
+        self.fc = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        a, b, c = self.a(h), self.b(h), self.c(h)
+        out = ((h + a) + b) + c if self.skip_first else c + (b + (a + h))
+        return self.fc(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_a_chain_of_additions_is_one_residual_add_at_its_last_op(skip_first, roles):
+    from gammaguide.analysis import trace_model
+
+    model, x = Chain(skip_first), torch.randn(2, 3, 8, 8)
+    assert roles(gg.analyze(model, x)) == {
+        "stem.1.weight": "stream", "a.1.weight": "residual_last", "b.1.weight": "residual_last",
+        "c.1.weight": "residual_last",
+    }
+    traced = trace_model(model, x)
+    [add] = traced.flow.residual_adds()
+    names = traced.graph.op_names()
+    assert add.node == max(i for i, n in enumerate(names) if n == "add")  # the chain's last op
+    assert add.branches == 3
+    # Through which argument of that last op the skip arrives, the chain's earlier adds in between.
+    assert add.skip_arg == (0 if skip_first else 1)
+
+
 class NotResidual(nn.Module):
     """A norm followed by additions that are not residual: a parameter (positional embedding),
     a buffer, a Python constant, a tensor constant, and the same tensor twice."""

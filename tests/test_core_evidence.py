@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide.analysis import trace_model
 from gammaguide.models import create_model
+from gammaguide.roles import evidence
 
 
 def reasons(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[str, str]]:
@@ -91,3 +93,30 @@ def test_a_merged_gamma_names_the_norm_after_the_mixing():
     got = reasons(Merged(), torch.randn(2, 3, 8, 8))
     assert got["b1.weight"] == ("merged", "its output is mixed with other features before bn normalizes it, so the "
                                           "network is not invariant to its scale")
+
+
+class MergedTwice(nn.Module):
+    """b1's output is mixed with other features, then normalized by two norms."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.c2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1)
+        self.mix1, self.mix2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        both = torch.cat([self.b1(self.c1(x)), self.c2(x)], 1)
+        return self.bn1(self.mix1(both)) + self.bn2(self.mix2(both))
+
+
+def test_a_merged_gamma_names_the_norms_after_the_mixing_that_its_walk_reached():
+    # The analysis's walk stops at the first norm once nothing stronger can follow: it names bn1.
+    got = reasons(MergedTwice(), torch.randn(2, 3, 8, 8))
+    assert got["b1.weight"] == ("merged", "its output is mixed with other features before bn1 normalizes it, so "
+                                          "the network is not invariant to its scale")
+    # A walk run to the end (``Dataflow.events``) reaches both, and the evidence names them.
+    df = trace_model(MergedTwice(), torch.randn(2, 3, 8, 8)).flow
+    [u] = df.uses()["b1.weight"]
+    assert evidence(df.flow, df.events(u))["merged"] == (
+        "its output is mixed with other features before bn1, bn2 normalizes it, so the network is not invariant "
+        "to its scale")

@@ -157,3 +157,28 @@ EARLY_STOP_MODELS = {
 def test_a_walk_that_stops_early_finds_the_role_of_a_full_walk(name):
     make, x = EARLY_STOP_MODELS[name]
     assert _early_and_full(make(), x) == []
+
+
+def test_an_analysis_computes_reachability_once_and_every_walk_stops_early(monkeypatch):
+    """``reachable`` is what lets a walk stop once its role is decided: one pass over the graph per
+    analysis, handed to every γ's walk (computed per walk, or not at all, analyses of large models
+    slow down many times over with the same roles)."""
+    from gammaguide import roles as roles_module
+
+    computed, given = [], []
+    real_reachable, real_walk = roles_module.reachable, roles_module.walk
+
+    def counted(flow, sums):
+        computed.append(1)
+        return real_reachable(flow, sums)
+
+    def spied(flow, sums, u, ahead=None):
+        given.append(ahead)
+        return real_walk(flow, sums, u, ahead)
+
+    monkeypatch.setattr(roles_module, "reachable", counted)
+    monkeypatch.setattr(roles_module, "walk", spied)
+    report = gg.analyze(models.create_model("resnet20"), torch.randn(1, 3, 8, 8), warn=False)
+    assert len(report.entries) == 21  # the stem's, two per block of nine, two projection shortcuts'
+    assert computed == [1]
+    assert len(given) == 21 and all(isinstance(a, list) for a in given)

@@ -57,14 +57,14 @@ class ParamGroup(dict):
 
 # torch.optim adopts a group several calls deep (Optimizer.__init__, add_param_group, a dynamo
 # wrapper): a fixed stacklevel would point into torch. Count frames up to the caller's own code.
-_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,))
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def _stacklevel_outside_torch() -> int:
     """The ``stacklevel`` (counted from the function that calls this one) of the first frame
     outside torch: the user's line that built the optimizer."""
     level, frame = 2, sys._getframe(2)  # stacklevel 2: the caller of the function that warns
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
         level, frame = level + 1, frame.f_back
     return level
 

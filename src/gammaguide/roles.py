@@ -147,9 +147,8 @@ def evidence(flow: Flow, events: list[Event]) -> dict[str, str]:
         found["merged"] = (f"its output is mixed with other features before {', '.join(met['merged'])} normalizes "
                            f"it, so the network is not invariant to its scale")
     if met["scale_invariant"]:
-        every = "every" if not found else "some"
-        found["scale_invariant"] = (f"{every} path meets another normalization first "
-                                    f"({', '.join(met['scale_invariant'])})")
+        # Shown only when it is the role (``strongest``), that is when no walk ended anywhere else.
+        found["scale_invariant"] = f"every path meets another normalization first ({', '.join(met['scale_invariant'])})"
     return found
 
 
