@@ -9,7 +9,7 @@ import math
 import pytest
 
 from gammaguide.experiments import claims as C
-from gammaguide.experiments.stats import holm, paired_difference, t_p_value
+from gammaguide.experiments.stats import Difference, holm, paired_difference, t_p_value
 from gammaguide.experiments.summary import summarize
 
 # resnet20-like role counts; what each policy decays of them
@@ -97,6 +97,22 @@ def test_smaller_than_the_papers_smallest_effect():
     assert "*smaller than the paper's*" in C.claims_table([exp])
 
 
+@pytest.mark.parametrize("direction", [1, -1])
+def test_an_interval_that_ends_at_the_papers_smallest_effect_does_not_exclude_it(direction, monkeypatch):
+    """The interval is closed: one whose end is exactly the paper's 1 point still holds it."""
+    recs = grid({"no_gamma": [0.6, 0.7, 0.65], "only:residual_last": [0.61, 0.71, 0.66],
+                 "only:stream": [0.59, 0.69, 0.64]})
+    (exp,) = summarize(recs)
+    claim = C.CLAIMS[0] if direction > 0 else C.CLAIMS[3]
+    assert claim.direction == direction
+    for end, smaller in ((0.01, False), (0.0099, True)):
+        low, high = (0.002, end) if direction > 0 else (-end, -0.002)
+        diff = Difference(n=3, mean=(low + high) / 2, sd=0.001, low=low, high=high, p=0.01)
+        monkeypatch.setattr(type(exp), "difference", lambda self, arm, ref, d=diff: d)
+        cell = C.check(exp, claim)
+        assert cell.verdict == "confirmed" and cell.smaller is smaller, (end, cell)
+
+
 def test_arms_that_decay_the_same_gammas_are_same_policy_not_a_verdict():
     counts = {"residual_last": 9, "scale_invariant": 9, "stream": 1}  # no shortcut γ in this model
     recs = grid({"no_gamma": [0.6, 0.7, 0.65], "only:shortcut": [0.6, 0.7, 0.65], "all": [0.61, 0.69, 0.64]},
@@ -120,7 +136,8 @@ def test_a_missing_arm_is_stood_in_for_by_one_with_the_same_policy():
     assert cell.difference.mean == pytest.approx((0.01 + 0.005 + 0.01) / 3)
     assert "(`guidelines` runs, the same policy here)" in C.claims_table([exp])
     # the head claim has no stand-in: nothing decays exactly the head alone... and stream has no γ at all
-    assert C.check(exp, C.CLAIMS[3]).verdict == "same policy"  # only:stream decays nothing here: no_gamma's
+    stream = C.check(exp, C.CLAIMS[3])  # only:stream decays nothing here: no_gamma stands in, against itself
+    assert stream.verdict == "same policy" and stream.stand_in == "no_gamma"
 
 
 def test_a_stand_in_must_decay_exactly_the_same():

@@ -82,8 +82,9 @@ def _signature(exp: Experiment, arm: str) -> tuple[Any, ...] | None:
     roles = next((r.get("roles") for r in exp.runs if r.get("arm") == arm and r.get("roles")), None)
     if roles is None:
         return None
-    return _policy_signature(arm, {role: v.get("count", 0) for role, v in roles.items()},
-                             {role: v.get("decayed", 0) for role, v in roles.items()})
+    # Every run record's roles carry both (results.RunRecord).
+    return _policy_signature(arm, {role: v["count"] for role, v in roles.items()},
+                             {role: v["decayed"] for role, v in roles.items()})
 
 
 def _policy_signature(arm: str, counts: dict[str, int], decayed: dict[str, int]) -> tuple[Any, ...]:
@@ -97,7 +98,7 @@ def _expected_signature(exp: Experiment, arm: str) -> tuple[Any, ...] | None:
     if counts is None:
         return None
     policy = resolve_policy(arm)
-    count = {role: v.get("count", 0) for role, v in counts.items()}
+    count = {role: v["count"] for role, v in counts.items()}
     return _policy_signature(arm, count, {role: n if policy.decides("gamma", role) else 0 for role, n in count.items()})
 
 
@@ -201,10 +202,9 @@ def claims_table(experiments: list[Experiment]) -> str:
     """A row per claim, a column per setting, and the legend that says what each column is."""
     head = "| claim | " + " | ".join(f"({i}) {e.label}, Δ {e.metric.unit}" for i, e in enumerate(experiments, 1))
     rows = [head + " |", "|---|" + "---|" * len(experiments)]
-    cells = [check_setting(e) for e in experiments]
+    columns = [(check_setting(e), e) for e in experiments]
     for i, claim in enumerate(CLAIMS + (NOISE,)):
-        rows.append(f"| {claim.text} | " + " | ".join(_cell_text(c[i], e) for c, e in zip(cells, experiments,
-                                                                                         strict=True)) + " |")
+        rows.append(f"| {claim.text} | " + " | ".join(_cell_text(cells[i], e) for cells, e in columns) + " |")
     return "\n".join(rows)
 
 
