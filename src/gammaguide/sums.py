@@ -121,13 +121,13 @@ class Sums:
             for t, pos in flow.succ[n]:
                 if t in seen or t in flow.norm_name:
                     continue
-                found = self._operand.get((t, pos)) if t not in s.members else None
+                # A later residual sum is entered at one of its operands (``_chains`` makes every other
+                # argument of a chain's op a link between its members, or not computed from the input).
+                found = self._operand.get((t, pos))
                 if found is not None:
                     if found[1] == found[0].skip:
                         return False  # the stream goes on through it
                     branch = True
-                    continue
-                if self._member.get(t) is not None and t not in s.members:
                     continue
                 seen.add(t)
                 stack.append(t)
