@@ -1,0 +1,228 @@
+"""The elements a walk says carry a γ, checked against autograd (found by mutation testing of
+channels.py, whose one-line bugs rarely change a role).
+
+Each case feeds a normalization's output ``a`` and another feature ``b`` (no normalization) into a
+few ops that move elements, and returns the result. A walk from the norm ends at the model output
+(``head``) with a reach: the elements scaled by the γ and the elements mixed with other features.
+Autograd gives the same from the function itself: an output element depends on ``a``, on ``b``, or
+on both. For ops that only move elements the reach must be exactly that: scaled = depends on ``a``
+alone, mixed = on both. For every case the reach is sound: no element that depends on ``a`` is
+missing from it (an op the channel engine does not follow makes it coarser, never smaller)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gammaguide.analysis import trace_model
+from gammaguide.masks import ALL
+
+
+def as_bool(mask, shape: tuple[int, ...]) -> torch.Tensor:
+    """A mask (masks.py) as the boolean tensor of the elements it holds."""
+    if mask is None:
+        return torch.zeros(shape, dtype=torch.bool)
+    if mask is ALL:
+        return torch.ones(shape, dtype=torch.bool)
+    count = 1
+    for size in mask.sizes:
+        count *= size
+    held = torch.tensor([(mask.bits >> k) & 1 for k in range(count)], dtype=torch.bool).view(mask.sizes)
+    view = [1] * len(shape)
+    for d, size in zip(mask.dims, mask.sizes, strict=True):
+        view[len(shape) + d] = size
+    return held.view(view).expand(shape)
+
+
+class Model(nn.Module):
+    def __init__(self, tail):
+        super().__init__()
+        self.ca, self.bn, self.cb = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1)
+        self.tail = tail
+
+    def forward(self, x):
+        return self.tail(self.bn(self.ca(x)), self.cb(x))
+
+
+def reach_and_truth(tail):
+    """(scaled, mixed) by the walk and (depends on a, depends on b) by autograd, on the output."""
+    x = torch.randn(2, 3, 4, 4)
+    model = Model(tail).eval()
+    df = trace_model(model, x, on_meta=False).flow
+    [u] = df.uses()["bn.weight"]
+    with torch.no_grad():
+        a, b = model.bn(model.ca(x)), model.cb(x)
+        shape = tuple(tail(a, b).shape)
+    heads = [e for e in df.events(u) if e.role == "head"]
+    assert len(heads) <= 1
+    reach = heads[0].reach if heads else (None, None)
+
+    def depends(jac: torch.Tensor) -> torch.Tensor:
+        return jac.reshape(torch.Size(shape).numel(), -1).ne(0).any(1).view(shape)
+
+    on_a = depends(torch.autograd.functional.jacobian(lambda t: tail(t, b), a))
+    on_b = depends(torch.autograd.functional.jacobian(lambda t: tail(a, t), b))
+    return as_bool(reach[0], shape), as_bool(reach[1], shape), on_a, on_b
+
+
+def C(a, b):
+    return torch.cat([a, b], 1)  # (2, 8, 4, 4): channels 0-3 are the γ's
+
+
+INDEX = [6, 1, 3, 0]
+
+# Ops that move elements: the reach is exact.
+MOVES = {
+    "cat": C,
+    "cat three": lambda a, b: torch.cat([b, a, b], 1),
+    "cat spatial": lambda a, b: torch.cat([a, b], 3),
+    "slice": lambda a, b: C(a, b)[:, 2:6],
+    "slice with step": lambda a, b: C(a, b)[:, 1::2],
+    "slice negative": lambda a, b: C(a, b)[:, -6:-1],
+    "slice spatial": lambda a, b: C(a, b)[..., 1:3],
+    "narrow": lambda a, b: C(a, b).narrow(1, 2, 4),
+    "select a": lambda a, b: C(a, b).select(1, 2),
+    "select b": lambda a, b: C(a, b)[:, 5],
+    "split": lambda a, b: torch.split(C(a, b), 3, 1)[1],
+    "split last": lambda a, b: torch.split(C(a, b), 3, 1)[2],
+    "chunk": lambda a, b: C(a, b).chunk(4, 1)[1],
+    "unbind": lambda a, b: C(a, b).unbind(1)[2],
+    "view into groups": lambda a, b: C(a, b).view(2, 2, 4, 4, 4),
+    "reshape flat": lambda a, b: C(a, b).reshape(2, -1),
+    "flatten": lambda a, b: C(a, b).flatten(2),
+    "unflatten": lambda a, b: C(a, b).unflatten(1, (4, 2)),
+    "transpose": lambda a, b: C(a, b).transpose(1, 3),
+    "transpose then slice": lambda a, b: C(a, b).transpose(1, 2)[:, 1:3],
+    "permute": lambda a, b: C(a, b).permute(0, 2, 3, 1),
+    "permute then flatten then slice": lambda a, b: C(a, b).permute(0, 2, 3, 1).flatten(1, 2)[..., 3:7],
+    "movedim": lambda a, b: C(a, b).movedim(1, -1),
+    "shuffle by view and transpose": lambda a, b: C(a, b).view(2, 2, 4, 4, 4).transpose(1, 2).reshape(2, 8, 4, 4),
+    "channel_shuffle": lambda a, b: F.channel_shuffle(C(a, b), 2),
+    "stack": lambda a, b: torch.stack([a, b]),
+    "stack last": lambda a, b: torch.stack([b, a], -1),
+    "stack middle": lambda a, b: torch.stack([a, b], 2),
+    "flip": lambda a, b: C(a, b).flip(1),
+    "flip spatial": lambda a, b: C(a, b).flip(2),
+    "roll": lambda a, b: C(a, b).roll(3, 1),
+    "roll spatial": lambda a, b: C(a, b).roll(1, 3),
+    "expand": lambda a, b: C(a, b)[:, :, :1].expand(2, 8, 3, 4),
+    "mean over space": lambda a, b: C(a, b).mean((2, 3)),
+    "mean over width": lambda a, b: C(a, b).mean(-1),
+    "amax keepdim": lambda a, b: C(a, b).amax((2, 3), keepdim=True),
+    "sum over channels": lambda a, b: C(a, b).sum(1),
+    "avg_pool2d": lambda a, b: F.avg_pool2d(C(a, b), 2),
+    "tanh": lambda a, b: C(a, b).tanh(),
+    "times two": lambda a, b: C(a, b) * 2,
+}
+
+# Ops the engine does not follow element by element: only soundness.
+COARSE = {
+    "index_select": lambda a, b: C(a, b).index_select(1, torch.tensor(INDEX)),
+    "index with a list": lambda a, b: C(a, b)[:, [0, 5, 3]],
+    "pad channels": lambda a, b: F.pad(C(a, b), (0, 0, 0, 0, 2, 1)),
+    "pad space": lambda a, b: F.pad(C(a, b), (1, 1, 1, 1)),
+    "repeat": lambda a, b: C(a, b).repeat(1, 2, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOVES))
+def test_the_reach_through_ops_that_move_elements_is_exactly_what_autograd_sees(name):
+    scaled, mixed, on_a, on_b = reach_and_truth(MOVES[name])
+    assert torch.equal(scaled, on_a & ~on_b), name
+    assert torch.equal(mixed, on_a & on_b), name
+
+
+@pytest.mark.parametrize("name", sorted(MOVES) + sorted(COARSE))
+def test_the_reach_never_misses_an_element_that_depends_on_the_gamma(name):
+    scaled, mixed, on_a, _ = reach_and_truth({**MOVES, **COARSE}[name])
+    assert not (on_a & ~(scaled | mixed)).any(), name
+
+
+# ----------------------------------------------------------------------------- does a later norm cancel the γ?
+
+
+class Tail(nn.Module):
+    """``norm(arrange(a, b))``: a later normalization, in training mode, of the γ's output laid
+    out with another feature."""
+
+    def __init__(self, arrange, norm: nn.Module):
+        super().__init__()
+        self.arrange, self.norm = arrange, norm
+
+    def forward(self, a, b):
+        return self.norm(self.arrange(a, b))
+
+
+class MeanStd(nn.Module):
+    """A hand-written normalization over ``dims`` (the behavioural rule finds it)."""
+
+    def __init__(self, dims: tuple[int, ...], channels: int):
+        super().__init__()
+        self.dims = dims
+        self.weight = nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        return self.weight * (x - x.mean(self.dims, keepdim=True)) / (x.var(self.dims, keepdim=True) + 1e-5).sqrt()
+
+
+def channels_last(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(Permute(0, 2, 3, 1), norm)
+
+
+class Permute(nn.Module):
+    def __init__(self, *order: int):
+        super().__init__()
+        self.order = order
+
+    def forward(self, x):
+        return x.permute(*self.order)
+
+
+def middle(a, b):
+    return torch.cat([b[:, :2], a, b[:, 2:]], 1)  # channels b b a a a a b b
+
+
+def off_by_one(a, b):
+    return torch.cat([b[:, :3], a, b[:, 3:]], 1)  # channels b b b a a a a b: pairs straddle a and b
+
+
+# A tiny eps: rows of four elements can have a small variance, where the usual eps would blur the test.
+EPS = 1e-10
+LATER_NORMS = {
+    "batch norm": (C, lambda: nn.BatchNorm2d(8, eps=EPS)),
+    "instance norm": (C, lambda: nn.InstanceNorm2d(8, affine=True, eps=EPS)),
+    "group norm, 2 groups": (C, lambda: nn.GroupNorm(2, 8, eps=EPS)),
+    "group norm, 4 groups": (C, lambda: nn.GroupNorm(4, 8, eps=EPS)),
+    "group norm, 1 group": (C, lambda: nn.GroupNorm(1, 8, eps=EPS)),
+    "group norm, 2 groups, each holding both": (middle, lambda: nn.GroupNorm(2, 8, eps=EPS)),
+    "group norm, 4 groups, b a a b": (middle, lambda: nn.GroupNorm(4, 8, eps=EPS)),
+    "group norm, 4 groups, straddling": (off_by_one, lambda: nn.GroupNorm(4, 8, eps=EPS)),
+    "layer norm over width": (C, lambda: nn.LayerNorm(4, eps=EPS)),
+    "layer norm over all": (C, lambda: nn.LayerNorm((8, 4, 4), eps=EPS)),
+    "layer norm over width, cat along it": (lambda a, b: torch.cat([a, b], 3), lambda: nn.LayerNorm(8, eps=EPS)),
+    "layer norm channels last": (C, lambda: channels_last(nn.LayerNorm(8, eps=EPS))),
+    "rms norm channels last": (C, lambda: channels_last(nn.RMSNorm(8, eps=EPS))),
+    "rms norm channels last, a alone": (lambda a, b: a * 1.0, lambda: channels_last(nn.RMSNorm(4, eps=EPS))),
+    "mean/std over space": (C, lambda: MeanStd((2, 3), 8)),
+    "mean/std over channels": (C, lambda: MeanStd((1,), 8)),
+    "mean/std over channels and height": (C, lambda: MeanStd((1, 2), 8)),
+    "mean/std over height, cat along it": (lambda a, b: torch.cat([a, b], 2), lambda: MeanStd((2,), 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LATER_NORMS))
+def test_a_later_norm_cancels_the_gamma_exactly_when_it_does_numerically(name):
+    import gammaguide as gg
+
+    arrange, make_norm = LATER_NORMS[name]
+    model = Model(Tail(arrange, make_norm()))
+    x = torch.randn(2, 3, 4, 4)
+    role = {e.param_name: e.role for e in gg.analyze(model, x, warn=False).entries}["bn.weight"]
+    model.train()
+    with torch.no_grad():
+        a, b = model.bn(model.ca(x)), model.cb(x)
+        # Weight decay shrinks the whole γ by one factor: is the model's output blind to it?
+        cancels = torch.allclose(model.tail(a, b), model.tail(a * 2.5, b), rtol=1e-4, atol=1e-4)
+    assert role == ("scale_invariant" if cancels else "merged"), (name, role, cancels)
