@@ -35,11 +35,15 @@ def add(spelling: str, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.stack([x, b], dim=-1).sum(-1)
     if spelling == "cat unsqueezed.sum":
         return torch.cat([x.unsqueeze(-1), b.unsqueeze(-1)], -1).sum(-1)
+    if spelling == "stack(dim=1).sum(dim=1)":
+        return torch.stack([x, b], dim=1).sum(dim=1)
+    if spelling == "stack.permute.sum":
+        return torch.stack([b, x], -1).permute(4, 0, 1, 2, 3).sum(0)
     raise AssertionError(spelling)
 
 
 SPELLINGS = ["x + b", "cat.view.sum", "cat.view.mean", "cat channels.view.sum", "einsum stack", "einsum named",
-             "stack last.sum", "cat unsqueezed.sum"]
+             "stack last.sum", "cat unsqueezed.sum", "stack(dim=1).sum(dim=1)", "stack.permute.sum"]
 
 
 class Block(nn.Module):
@@ -96,3 +100,52 @@ def test_a_reduction_within_a_tensor_adds_no_operands():
     report = gg.analyze(model, IMAGE, warn=False)
     assert report.residual_adds == ()
     assert {e.role for e in report.entries} == {"head"}
+
+
+class ThreeLaidSideBySide(nn.Module):
+    """``x`` and two branches concatenated, viewed and summed: a sum of three operands, each
+    found at its own offset of the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, D, 3, padding=1, bias=False), nn.BatchNorm2d(D))
+        self.a = nn.Sequential(nn.Conv2d(D, D, 3, padding=1, bias=False), nn.BatchNorm2d(D))
+        self.b = nn.Sequential(nn.Conv2d(D, D, 1, bias=False), nn.BatchNorm2d(D))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return torch.cat([self.a(h), h, self.b(h)]).view(3, *h.shape).sum(0).mean((2, 3))
+
+
+def test_three_tensors_laid_side_by_side_are_three_operands(roles):
+    report = gg.analyze(ThreeLaidSideBySide(), IMAGE, warn=False)
+    [add] = report.residual_adds
+    assert add.branches == 2
+    assert roles(report) == {"stem.1.weight": "stream", "a.1.weight": "residual_last", "b.1.weight": "residual_last"}
+
+
+NOT_SUMS = {
+    # the stacked tensor is used again: the reduction is not all that happens to it
+    "stack used twice": lambda h, b: (lambda s: s.sum(0) * s.amax())(torch.stack([h, b])),
+    # an unsqueezed operand that is used again
+    "unsqueezed used twice": lambda h, b: (lambda u: torch.cat([u, b.unsqueeze(0)]).sum(0) * u.mean())(h.unsqueeze(0)),
+    # summed over another dimension than the one the tensors were laid along
+    "summed along channels": lambda h, b: torch.stack([h, b], 1).sum(2),
+    # each tensor spans two indices of the reduced dimension
+    "two indices each": lambda h, b: torch.cat([h, b], 1).view(h.shape[0], 4, D // 2, *h.shape[2:]).sum(1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_SUMS))
+def test_reductions_that_do_not_add_whole_tensors_are_no_sums(name):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, D, 3, padding=1, bias=False), nn.BatchNorm2d(D))
+            self.branch = nn.Sequential(nn.Conv2d(D, D, 3, padding=1, bias=False), nn.BatchNorm2d(D))
+
+        def forward(self, x):
+            h = self.stem(x)
+            return NOT_SUMS[name](h, self.branch(h))
+
+    assert gg.analyze(Model(), IMAGE, warn=False).residual_adds == ()

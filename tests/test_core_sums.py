@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide.analysis import trace_model
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
@@ -213,6 +214,51 @@ def test_two_heads_added_at_the_output_are_no_residual_add(roles):
     report = gg.analyze(TwoHeads(), IMAGE)
     assert report.residual_adds == ()
     assert roles(report) == {"body.1.weight": "head", "head2.1.weight": "head"}
+
+
+class Heads(nn.Module):
+    """Two classifier heads on one backbone, their logits added, then ``after`` to the output: a sum
+    of heads (no skip) only when nothing weighted, normalized or summed follows it."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.after = after
+        self.body, self.norm = conv_bn(3, D), nn.BatchNorm2d(4)
+        self.head1, self.lin = nn.Conv2d(D, 4, 1), nn.Conv2d(4, 4, 1)
+        self.head2 = nn.Sequential(nn.Conv2d(D, D, 3, padding=1, bias=False), nn.BatchNorm2d(D), nn.ReLU(),
+                                   nn.Conv2d(D, 4, 1))  # deeper than head1: no tie
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        f = torch.relu(self.body(x))
+        return self.after(self, f)
+
+
+def _added_then(model: nn.Module, f):
+    t = model.head1(f) + model.head2(f)
+    a = t.relu()
+    return a * t, model.lin(a)  # a feeds the product and, after it, a conv
+
+
+HEADS = {
+    "returned as it is": (lambda m, f: m.head1(f) + m.head2(f), "heads"),
+    "through a relu": (lambda m, f: torch.relu(m.head1(f) + m.head2(f)), "heads"),
+    "then normalized": (lambda m, f: m.norm(m.head1(f) + m.head2(f)), "residual"),
+    "then scaled and added to": (lambda m, f: (m.head1(f) + m.head2(f)) * 2 + f.mean(1, keepdim=True), "inside a branch"),
+    "then into a conv, after a product": (_added_then, "residual"),
+    "a head times a feature": (lambda m, f: m.head1(f) + m.head2(f) * f.mean(), "residual"),
+    # addmm adds the product f' @ w to its first argument: a linear layer's head, whatever f' is
+    "addmm of a head and a product": (lambda m, f: torch.addmm(m.head1(f).mean((2, 3)), m.norm(m.head2(f)).mean((2, 3)),
+                                                                m.w), "heads"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_a_sum_of_heads_reaches_the_output_with_nothing_weighted_in_between(name):
+    after, expected = HEADS[name]
+    flow = trace_model(Heads(after), IMAGE).flow
+    first = flow.sums.sums[0]
+    assert ("residual" if first.residual else first.why_not) == expected
 
 
 def test_torchvision_lraspp_heads_are_heads(roles):

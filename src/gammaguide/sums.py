@@ -418,7 +418,7 @@ def _from_stream(flow: Flow, operands: tuple[Operand, ...], fork: int, streams: 
     return [max(dist[s] for s in o.sources) + o.extra for o in operands]
 
 
-def _ends_in_matmul(flow: Flow, node: int, extra: int = 0) -> bool:
+def _ends_in_matmul(flow: Flow, node: int, extra: int) -> bool:
     """Is ``node`` a conv or linear layer's result, seen through weight-free ops of one input?"""
     if extra:
         return True  # the product of ``addmm``
