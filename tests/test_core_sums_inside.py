@@ -35,7 +35,8 @@ class Projection(nn.Module):
 def sums_of(model: nn.Module) -> list[tuple[str, str]]:
     """(module whose forward ran the sum, "residual" or why not) for every sum, in execution order."""
     flow = trace_model(model, IMAGE).flow
-    return [(flow.flow.context(s.node), "residual" if s.residual else s.why_not) for s in flow.sums.sums]
+    status = {s.node: "residual" for s in flow.sums.residual()} | flow.sums.not_residual
+    return [(flow.flow.context(node), why) for node, why in sorted(status.items())]
 
 
 class ThenHead(nn.Module):

@@ -63,13 +63,8 @@ class Sum:
     node: int  # the op whose result is the sum
     members: tuple[int, ...]  # the ops of the chain
     operands: tuple[Operand, ...]
-    fork: int  # -1 when the operands share no floating-point ancestor
-    skip: int  # index of the skip operand; -1 when the sum is not residual
-    why_not: str = ""  # "tie", "heads", "inside a branch" or "no fork" for a sum that is not residual
-
-    @property
-    def residual(self) -> bool:
-        return self.skip >= 0
+    fork: int  # the nearest common ancestor of the operands
+    skip: int  # index of the skip operand
 
     @property
     def branches(self) -> tuple[Operand, ...]:
@@ -84,15 +79,18 @@ class Sums:
         chains = list(_chains(flow))
         inside: set[int] = set()  # sums inside a branch, found so far
         while True:
-            self.sums = []
-            streams: set[int] = set()  # results of the residual sums so far, in execution order
+            self.sums: list[Sum] = []  # the residual sums, in execution order
+            self.not_residual: dict[int, str] = {}  # every other sum's last op -> why it has no skip
+            streams: set[int] = set()  # results of the residual sums so far
             for root, members, operands in chains:
                 found = _resolve(flow, root, members, operands, streams, root in inside)
+                if isinstance(found, str):
+                    self.not_residual[root] = found
+                    continue
                 self.sums.append(found)
-                if found.residual:
-                    streams.add(found.node)
+                streams.add(found.node)
             self._index()
-            more = {s.node for s in reversed(self.sums) if s.residual and min(o.weighted for o in s.operands) > 0
+            more = {s.node for s in reversed(self.sums) if min(o.weighted for o in s.operands) > 0
                     and self._feeds_a_branch(s)}
             if more <= inside:
                 break
@@ -102,8 +100,6 @@ class Sums:
         self._operand: dict[tuple[int, int], tuple[Sum, int]] = {}
         self._member: dict[int, Sum] = {}
         for s in self.sums:
-            if not s.residual:
-                continue
             for m in s.members:
                 self._member[m] = s
             for i, o in enumerate(s.operands):
@@ -134,7 +130,7 @@ class Sums:
         return branch
 
     def residual(self) -> list[Sum]:
-        return [s for s in self.sums if s.residual]
+        return self.sums
 
     def member(self, node: int) -> Sum | None:
         """The residual sum whose chain ``node`` belongs to."""
@@ -280,15 +276,17 @@ def _gather(flow: Flow, i: int, parent: dict[int, int], stacks: dict, chain: lis
 
 
 def _resolve(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Operand, ...],
-             streams: set[int], inside: bool = False) -> Sum:
+             streams: set[int], inside: bool) -> Sum | str:
+    """The residual sum, or why the chain is no residual sum: "no fork", "conditioning", "tie", "heads"
+    or "inside a branch"."""
     fork = _fork(flow, operands)
     if fork is None:
-        return Sum(root, members, operands, -1, -1, "no fork")
+        return "no fork"
     counts = _from_stream(flow, operands, fork, streams)
     operands = tuple(Operand(o.node, o.pos, o.sources, c, o.extra) for o, c in zip(operands, counts, strict=True))
     conditioning = _conditioning(flow, operands, fork, streams)
     if len(operands) - len(conditioning) < 2:
-        return Sum(root, members, operands, fork, -1, "conditioning")
+        return "conditioning"
     # A conditioning operand never carries the stream: it is no candidate for the skip.
     ranks = [(c, 0) if i not in conditioning else (len(flow), 0) for i, c in enumerate(counts)]
     low = min(ranks)
@@ -297,12 +295,12 @@ def _resolve(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Op
         ranks = [(r[0], f) for r, f in zip(ranks, since_fork, strict=True)]
         low = min(ranks)
         if ranks.count(low) > 1:
-            return Sum(root, members, operands, fork, -1, "tie")
+            return "tie"
     counts = ranks
-    if _sum_of_heads(flow, root, members, operands):
-        return Sum(root, members, operands, fork, -1, "heads")
+    if _sum_of_heads(flow, root, operands):
+        return "heads"
     if inside:
-        return Sum(root, members, operands, fork, -1, "inside a branch")
+        return "inside a branch"
     return Sum(root, members, operands, fork, counts.index(low))
 
 
@@ -433,7 +431,7 @@ def _ends_in_matmul(flow: Flow, node: int, extra: int) -> bool:
         (node,) = preds
 
 
-def _sum_of_heads(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Operand, ...]) -> bool:
+def _sum_of_heads(flow: Flow, root: int, operands: tuple[Operand, ...]) -> bool:
     if not all(all(_ends_in_matmul(flow, s, o.extra) for s in o.sources) for o in operands):
         return False
     # Every walk from the sum ends at the model output, with no weighted op, norm or sum on the way.
