@@ -2,12 +2,13 @@
 channels.py, whose one-line bugs rarely change a role).
 
 Each case feeds a normalization's output ``a`` and another feature ``b`` (no normalization) into a
-few ops that move elements, and returns the result. A walk from the norm ends at the model output
-(``head``) with a reach: the elements scaled by the γ and the elements mixed with other features.
-Autograd gives the same from the function itself: an output element depends on ``a``, on ``b``, or
-on both. For ops that only move elements the reach must be exactly that: scaled = depends on ``a``
-alone, mixed = on both. For every case the reach is sound: no element that depends on ``a`` is
-missing from it (an op the channel engine does not follow makes it coarser, never smaller)."""
+few ops and returns the result. A walk from the norm ends at the model output (``head``) with a
+reach: the elements scaled by the γ and the elements mixed with other features. The function
+itself says the same: an output element that depends on ``a`` is scaled when it depends on nothing
+else or when doubling ``a`` doubles it (a product with other features passes the γ's scale on), and
+mixed otherwise. For the ops the channel engine follows the reach must be exactly that; for every
+case it is sound: no element that depends on ``a`` is missing from it (an op the engine does not
+follow makes it coarser, never smaller)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Model(nn.Module):
 
 
 def reach_and_truth(tail):
-    """(scaled, mixed) by the walk and (depends on a, depends on b) by autograd, on the output."""
+    """(scaled, mixed) by the walk, then by the function, on the output's elements."""
     x = torch.randn(2, 3, 4, 4)
     model = Model(tail).eval()
     df = trace_model(model, x, on_meta=False).flow
@@ -64,7 +65,10 @@ def reach_and_truth(tail):
 
     on_a = depends(torch.autograd.functional.jacobian(lambda t: tail(t, b), a))
     on_b = depends(torch.autograd.functional.jacobian(lambda t: tail(a, t), b))
-    return as_bool(reach[0], shape), as_bool(reach[1], shape), on_a, on_b
+    with torch.no_grad():
+        homogeneous = torch.isclose(tail(2 * a, b), 2 * tail(a, b), rtol=1e-5, atol=1e-6)
+    scaled = on_a & (~on_b | homogeneous)
+    return as_bool(reach[0], shape), as_bool(reach[1], shape), scaled, on_a & ~scaled
 
 
 def C(a, b):
@@ -73,8 +77,22 @@ def C(a, b):
 
 INDEX = [6, 1, 3, 0]
 
-# Ops that move elements: the reach is exact.
+# Ops the engine follows: the reach is exact.
 MOVES = {
+    "times b": lambda a, b: a * b,
+    "times b, half of it": lambda a, b: C(a, b) * C(b, b),
+    "squared": lambda a, b: C(a, b) * C(a, b),
+    "plus a constant": lambda a, b: C(a, b) + 1.0,
+    "atan2 with b": lambda a, b: torch.atan2(C(a, b), C(b, a)),
+    "gated by a sigmoid of a": lambda a, b: b * torch.sigmoid(a),
+    "gated by a softmax of a": lambda a, b: C(b, b) * torch.softmax(C(a, b), 1),
+    "its own gate (silu)": lambda a, b: C(a, b) * torch.sigmoid(C(a, b)),
+    "hypot of a and a, laid out": lambda a, b: torch.hypot(C(a, b), C(a * 0.5, 2 * b)),
+    "atan2 of a mixed tensor and a": lambda a, b: torch.atan2(torch.atan2(a, b), a),
+    "hypot of a mixed half and a": lambda a, b: torch.hypot(C(torch.atan2(a, b), a), C(a, a)),
+    "stack of a mixed tensor": lambda a, b: torch.stack([torch.atan2(a, b), b, a], 2),
+    "an op the engine does not know, on a alone": lambda a, b: a.logcumsumexp(1),
+    "sorted, a alone": lambda a, b: a.sort(1)[0],
     "cat": C,
     "cat three": lambda a, b: torch.cat([b, a, b], 1),
     "cat spatial": lambda a, b: torch.cat([a, b], 3),
@@ -117,8 +135,19 @@ MOVES = {
     "times two": lambda a, b: C(a, b) * 2,
 }
 
-# Ops the engine does not follow element by element: only soundness.
+# Ops the engine does not follow element by element, and ops that pick elements (autograd sees the
+# one picked; the engine calls every element mixed): only soundness.
 COARSE = {
+    "maximum with b": lambda a, b: torch.cat([torch.maximum(a[:, :2], b[:, :2]), a[:, 2:]], 1),
+    "clamped by b": lambda a, b: a.clamp(min=b),
+    "where, b's condition, a times b or b": lambda a, b: torch.where(b > 0, a * b, b),
+    "where, b's condition": lambda a, b: torch.where(b > 0, a, b),
+    "masked_fill by b": lambda a, b: a.masked_fill(b > 0, 0.0),
+    "cumsum over channels": lambda a, b: C(a, b).cumsum(1),
+    # a piece that holds the γ in some channels is taken whole along the stacked dimension's slice
+    "stack of mixed halves": lambda a, b: torch.stack([C(torch.atan2(a, b), b), C(b, a)], 1),
+    "an op the engine does not know, on a and b": lambda a, b: C(a, b).logcumsumexp(1),
+    "an op the engine does not know, on a mixed tensor": lambda a, b: torch.atan2(a, b).logcumsumexp(1),
     "index_select": lambda a, b: C(a, b).index_select(1, torch.tensor(INDEX)),
     "index with a list": lambda a, b: C(a, b)[:, [0, 5, 3]],
     "pad channels": lambda a, b: F.pad(C(a, b), (0, 0, 0, 0, 2, 1)),
@@ -128,16 +157,17 @@ COARSE = {
 
 
 @pytest.mark.parametrize("name", sorted(MOVES))
-def test_the_reach_through_ops_that_move_elements_is_exactly_what_autograd_sees(name):
-    scaled, mixed, on_a, on_b = reach_and_truth(MOVES[name])
-    assert torch.equal(scaled, on_a & ~on_b), name
-    assert torch.equal(mixed, on_a & on_b), name
+def test_the_reach_through_the_ops_the_engine_follows_is_exact(name):
+    scaled, mixed, truly_scaled, truly_mixed = reach_and_truth(MOVES[name])
+    assert torch.equal(scaled, truly_scaled), name
+    assert torch.equal(mixed, truly_mixed), name
 
 
 @pytest.mark.parametrize("name", sorted(MOVES) + sorted(COARSE))
 def test_the_reach_never_misses_an_element_that_depends_on_the_gamma(name):
-    scaled, mixed, on_a, _ = reach_and_truth({**MOVES, **COARSE}[name])
-    assert not (on_a & ~(scaled | mixed)).any(), name
+    scaled, mixed, truly_scaled, truly_mixed = reach_and_truth({**MOVES, **COARSE}[name])
+    assert not ((truly_scaled | truly_mixed) & ~(scaled | mixed)).any(), name
+    assert not (truly_mixed & scaled).any(), name  # nothing mixed is called a plain scaling
 
 
 # ----------------------------------------------------------------------------- does a later norm cancel the γ?
@@ -212,7 +242,21 @@ LATER_NORMS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LATER_NORMS))
+# Known bug (masks.place, channels._stack): a piece whose γ elements vary along one dimension (its
+# channels), concatenated or stacked along another, is taken whole there: a later norm over the
+# channels then looks invariant, and the γ is called scale_invariant where the network is not.
+PLACED_WHOLE = {
+    "stacked, then a layer norm over channels": (
+        lambda a, b: torch.stack([C(a, b), C(b, b)], 1).permute(0, 1, 3, 4, 2), lambda: nn.LayerNorm(8, eps=EPS)),
+    "concatenated along width, then a layer norm over channels": (
+        lambda a, b: torch.cat([C(a, b), C(b, b)], 3).permute(0, 2, 3, 1), lambda: nn.LayerNorm(8, eps=EPS)),
+}
+LATER_NORMS.update(PLACED_WHOLE)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="known bug: "
+                                                                            "masks.place takes a partial piece whole"))
+                                  if n in PLACED_WHOLE else n for n in sorted(LATER_NORMS)])
 def test_a_later_norm_cancels_the_gamma_exactly_when_it_does_numerically(name):
     import gammaguide as gg
 
