@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import gammaguide as gg
+from gammaguide.analysis import trace_model
 
 pytestmark = pytest.mark.usefixtures("forward_pass")
 
@@ -66,6 +67,13 @@ def test_time_embedding_add_is_no_skip(roles):
     assert sorted(r.module_name for r in report.residual_adds) == ["blocks.0", "blocks.1", "blocks.2"]
     reason = next(e.reason for e in report.entries if e.param_name == "time_mlp.1.weight")
     assert "mixed with other features" in reason
+
+
+def test_why_each_time_embedding_add_has_no_skip():
+    flow = trace_model(TimeUNet(), TIME_INPUTS).flow
+    why = {flow.flow.context(node): reason for node, reason in flow.sums.not_residual.items()}
+    # block 0's operands share no ancestor; later, the embedding reached the stream through block 0
+    assert why == {"blocks.0": "no fork", "blocks.1": "conditioning", "blocks.2": "conditioning"}
 
 
 def test_time_embedding_roles_hold_numerically():

@@ -288,6 +288,7 @@ def test_equal_branches_with_no_skip_are_no_residual_add(roles):
 
     report = gg.analyze(TwoBranches(), IMAGE)
     assert report.residual_adds == ()
+    assert list(trace_model(TwoBranches(), IMAGE).flow.sums.not_residual.values()) == ["tie"]
     assert roles(report) == {"stem.1.weight": "scale_invariant", "a.1.weight": "merged", "b.1.weight": "merged",
                              "c.1.weight": "head"}
 
