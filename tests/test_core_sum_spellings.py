@@ -124,6 +124,7 @@ def test_three_tensors_laid_side_by_side_are_three_operands(roles):
     assert roles(report) == {"stem.1.weight": "stream", "a.1.weight": "residual_last", "b.1.weight": "residual_last"}
 
 
+HALVES = torch.full((2, D, 8, 8), 0.5)  # no op of the traced pass makes it
 NOT_SUMS = {
     # the stacked tensor is used again: the reduction is not all that happens to it
     "stack used twice": lambda h, b: (lambda s: s.sum(0) * s.amax())(torch.stack([h, b])),
@@ -131,6 +132,17 @@ NOT_SUMS = {
     "unsqueezed used twice": lambda h, b: (lambda u: torch.cat([u, b.unsqueeze(0)]).sum(0) * u.mean())(h.unsqueeze(0)),
     # summed over another dimension than the one the tensors were laid along
     "summed along channels": lambda h, b: torch.stack([h, b], 1).sum(2),
+    # summed along the batch, not along the dimension the tensors were stacked on
+    "summed along the batch": lambda h, b: torch.stack([h, b]).sum(1),
+    # a relu between the stack and the reduction: not a sum of the tensors
+    "a relu between": lambda h, b: torch.stack([h, b]).relu().sum(0),
+    # the stack, viewed, is used again
+    "viewed stack used twice": lambda h, b: (lambda v: v.sum(0) * v.amax())(torch.stack([h, b]).view(2, -1)),
+    # one tensor stacked alone
+    "a stack of one": lambda h, b: torch.stack([h]).sum(0) * b,
+    # a constant laid beside the tensor: adding it adds no operand
+    "a constant beside": lambda h, b: torch.stack([h, torch.full(h.shape, 0.5)]).sum(0) * b,
+    "a tensor made before the forward pass beside": lambda h, b: torch.stack([h, HALVES]).sum(0) * b,
     # each tensor spans two indices of the reduced dimension
     "two indices each": lambda h, b: torch.cat([h, b], 1).view(h.shape[0], 4, D // 2, *h.shape[2:]).sum(1),
 }

@@ -248,6 +248,7 @@ HEADS = {
                                  "inside a branch"),
     "then into a conv, after a product": (_added_then, "residual"),
     "a head times a feature": (lambda m, f: m.head1(f) + m.head2(f) * f.mean(), "residual"),
+    "then stacked": (lambda m, f: torch.stack([m.head1(f) + m.head2(f), m.head1(f)]), "residual"),
     # addmm adds the product f' @ w to its first argument: a linear layer's head, whatever f' is
     "addmm of a head and a product": (lambda m, f: torch.addmm(m.head1(f).mean((2, 3)), m.norm(m.head2(f)).mean((2, 3)),
                                                                 m.w), "heads"),
