@@ -37,13 +37,18 @@ def add(spelling: str, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.cat([x.unsqueeze(-1), b.unsqueeze(-1)], -1).sum(-1)
     if spelling == "stack(dim=1).sum(dim=1)":
         return torch.stack([x, b], dim=1).sum(dim=1)
+    if spelling == "addcmul, the branch second":
+        return torch.addcmul(x, torch.full_like(b, 0.5), b)
+    if spelling == "addcmul, the branch first":
+        return torch.addcmul(x, b, torch.full_like(b, 0.5))
     if spelling == "stack.permute.sum":
         return torch.stack([b, x], -1).permute(4, 0, 1, 2, 3).sum(0)
     raise AssertionError(spelling)
 
 
 SPELLINGS = ["x + b", "cat.view.sum", "cat.view.mean", "cat channels.view.sum", "einsum stack", "einsum named",
-             "stack last.sum", "cat unsqueezed.sum", "stack(dim=1).sum(dim=1)", "stack.permute.sum"]
+             "stack last.sum", "cat unsqueezed.sum", "stack(dim=1).sum(dim=1)", "stack.permute.sum",
+             "addcmul, the branch second", "addcmul, the branch first"]
 
 
 class Block(nn.Module):

@@ -392,3 +392,21 @@ def test_residual_variances_of_a_sum_of_several_branches():
     first = got[0]
     assert first.skip_var == pytest.approx(float(h.var()), rel=1e-4)
     assert first.branch_var == pytest.approx(float(f.var()) + float(g.var()), rel=1e-4)
+
+
+class TwoEmbeddings(nn.Module):
+    """Token and a second embedding of the same ids, added: their one common ancestor is the integer
+    ids, which carries no stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.other = nn.Embedding(10, D), nn.Embedding(10, D)
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, 2)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.tok(ids) + self.other(ids)))
+
+
+def test_embeddings_of_the_same_ids_share_no_stream():
+    sums = trace_model(TwoEmbeddings(), torch.arange(6).view(1, 6)).flow.sums
+    assert sums.residual() == [] and list(sums.not_residual.values()) == ["no fork"]

@@ -119,7 +119,23 @@ class BranchThenSkip(nn.Module):
         return (y * z).mean((2, 3))
 
 
+class IdentityThenBranch(nn.Module):
+    """A block with an identity skip inside a later branch: it has an identity operand, so it stays
+    residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.inner, self.out = conv_bn(3, D), conv_bn(D, D), nn.Conv2d(D, D, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        z = self.out(h)
+        z = z + self.inner(z)
+        return (h + self.out(z)).mean((2, 3))
+
+
 @pytest.mark.parametrize("model, expected", [
+    (IdentityThenBranch, [("<model>", "residual"), ("<model>", "residual")]),
     (ThenHead, [("block", "residual")]),
     (ThenSkip, [("block", "residual"), ("<model>", "residual")]),
     (ThenBranch, [("block", "inside a branch"), ("<model>", "residual")]),
