@@ -87,14 +87,9 @@ class ThroughANorm(nn.Module):
         return (h + self.out(self.norm(self.block(h)))).mean((2, 3))
 
 
-class NormedAndNot(nn.Module):
+class NormedAndNot(ThroughANorm):
     """The block's result goes to a normalization, and (after it, in execution order) straight into a
     later branch: the second path decides."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.block = conv_bn(3, D), Projection(D, D)
-        self.norm, self.out = nn.BatchNorm2d(D), nn.Conv2d(D, D, 1)
 
     def forward(self, x):
         h = torch.relu(self.stem(x))
