@@ -19,6 +19,7 @@ from torch import nn
 
 from gammaguide.analysis import trace_model
 from gammaguide.masks import ALL
+from gammaguide.verify import _mask_tensor
 
 
 def as_bool(mask, shape: tuple[int, ...]) -> torch.Tensor:
@@ -27,14 +28,7 @@ def as_bool(mask, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.bool)
     if mask is ALL:
         return torch.ones(shape, dtype=torch.bool)
-    count = 1
-    for size in mask.sizes:
-        count *= size
-    held = torch.tensor([(mask.bits >> k) & 1 for k in range(count)], dtype=torch.bool).view(mask.sizes)
-    view = [1] * len(shape)
-    for d, size in zip(mask.dims, mask.sizes, strict=True):
-        view[len(shape) + d] = size
-    return held.view(view).expand(shape)
+    return _mask_tensor(mask, torch.Size(shape))
 
 
 class Model(nn.Module):
