@@ -95,28 +95,26 @@ def test_a_merged_gamma_names_the_norm_after_the_mixing():
                                           "network is not invariant to its scale")
 
 
-class MergedTwice(nn.Module):
+class MergedTwice(Merged):
     """b1's output is mixed with other features, then normalized by two norms."""
 
     def __init__(self):
         super().__init__()
-        self.c1, self.b1, self.c2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1)
-        self.mix1, self.mix2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
-        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.mix2, self.bn2 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
 
     def forward(self, x):
         both = torch.cat([self.b1(self.c1(x)), self.c2(x)], 1)
-        return self.bn1(self.mix1(both)) + self.bn2(self.mix2(both))
+        return self.bn(self.mix(both)) + self.bn2(self.mix2(both))
 
 
 def test_a_merged_gamma_names_the_norms_after_the_mixing_that_its_walk_reached():
-    # The analysis's walk stops at the first norm once nothing stronger can follow: it names bn1.
+    # The analysis's walk stops at the first norm once nothing stronger can follow: it names bn.
     got = reasons(MergedTwice(), torch.randn(2, 3, 8, 8))
-    assert got["b1.weight"] == ("merged", "its output is mixed with other features before bn1 normalizes it, so "
+    assert got["b1.weight"] == ("merged", "its output is mixed with other features before bn normalizes it, so "
                                           "the network is not invariant to its scale")
     # A walk run to the end (``Dataflow.events``) reaches both, and the evidence names them.
     df = trace_model(MergedTwice(), torch.randn(2, 3, 8, 8)).flow
     [u] = df.uses()["b1.weight"]
     assert evidence(df.flow, df.events(u))["merged"] == (
-        "its output is mixed with other features before bn1, bn2 normalizes it, so the network is not invariant "
+        "its output is mixed with other features before bn, bn2 normalizes it, so the network is not invariant "
         "to its scale")
