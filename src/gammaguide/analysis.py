@@ -209,13 +209,12 @@ def build_report(
     # γ and β, by id of the parameter; with their module and norm type.
     gamma_info: dict[int, tuple[str, str, str]] = {}  # id -> (traced γ name, module name, norm type)
     beta_ids: set[int] = set()
-    norms_of: dict[int, list[str]] = {}  # id -> the normalizations owning the γ, when several do
+    norms_of: dict[int, int] = {}  # id -> how many normalizations own the γ (several: tied)
     for nm in finding.modules.values():
         for g in nm.gammas:
             pid = id(inner_params[g])
-            owner = module_outer.get(id(nm.module), nm.name)
-            gamma_info.setdefault(pid, (aliases[pid][0], owner, type(nm.module).__name__))
-            norms_of.setdefault(pid, []).append(nm.name)
+            gamma_info.setdefault(pid, (aliases[pid][0], module_outer[id(nm.module)], type(nm.module).__name__))
+            norms_of[pid] = norms_of.get(pid, 0) + 1
         beta_ids.update(id(inner_params[b]) for b in nm.betas)
     for node, (g, b) in finding.functional.items():
         if g is not None and g in inner_params:
@@ -252,7 +251,7 @@ def build_report(
                     outcomes.setdefault(r, why)
                     by_norm.setdefault(flow.name(u), {}).setdefault(r, why)
                     by_use.setdefault(u, {}).setdefault(r, why)
-            if len(norms_of.get(pid, ())) > 1:
+            if norms_of.get(pid, 0) > 1:
                 warns.extend(_tied_warning(name, by_norm, strongest(outcomes)[0], policy))
             elif len(by_use) > 1:
                 warns.extend(_reused_warning(name, module_name, flow, by_use, strongest(outcomes)[0], policy))

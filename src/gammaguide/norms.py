@@ -88,11 +88,9 @@ _SUB_OPS = frozenset({"sub", "sub_"})
 
 @dataclass
 class NormModule:
-    """A module recognised as a normalization, with how it was recognised."""
+    """A module recognised as a normalization."""
 
     module: nn.Module
-    name: str
-    how: str  # "type", "registry" or "behaviour"
     gammas: list[str] = field(default_factory=list)  # parameter names (as traced)
     betas: list[str] = field(default_factory=list)
 
@@ -118,7 +116,7 @@ def _direct_params(module: nn.Module, prefix: str) -> dict[str, str]:
 
 def root_params(graph: Graph) -> list[str | None]:
     """For each node, the parameter it is a view, cast or copy of (None if it is not one)."""
-    return graph.derived("root_params", _root_params)
+    return graph.derived(_root_params)
 
 
 def _root_params(graph: Graph) -> list[str | None]:
@@ -133,7 +131,7 @@ def _root_params(graph: Graph) -> list[str | None]:
 
 def activations(graph: Graph) -> list[bool]:
     """Nodes computed by value from a model input (not from parameters, buffers or constants only)."""
-    return graph.derived("activations", _activations)
+    return graph.derived(_activations)
 
 
 NO_DATAFLOW = frozenset(LEAF_KINDS) | SHAPE_ONLY_OPS  # leaves, and ops that read only a shape
@@ -170,7 +168,7 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
     scaled: list[str | None] = [None] * n
     gammas: list[str] = []
     betas: list[str] = []
-    saw_stat = identity = False
+    identity = False
     for i in range(start, end):
         name = names[i]
         if name in LEAF_KINDS:
@@ -193,31 +191,33 @@ def _behaves_like_norm(graph: Graph, start: int, end: int, own: dict[str, str], 
         if name in ADD_OPS and stat and raw:
             identity = True  # ``γ·(x·N(x)) + β + x`` (GRN): the input added back to the normalized tensor
         if name in STAT_OPS and inp:
-            stat = saw_stat = True
+            stat = True
         from_input[i - start] = inp
         from_stat[i - start] = stat
         scaled[i - start] = carried
         params = [root[k] for k in ins[i] if root[k] in own_names]
-        inner = [k - start for k in ins[i] if k >= start and names[k] not in LEAF_KINDS]
+        inner = [k - start for k in ins[i] if k >= start]  # (a leaf's flags are never set: False)
         if name in SCALE_OPS and carried and any(from_stat[j] and scaled[j] != carried for j in inner):
             # γ·x, then normalized by a statistic of x: the γ is the parameter carried along.
             gammas.extend(p for p in (carried,) if p not in gammas)
         if not params:
             continue
-        others_stat = any(from_stat[j] and root[j + start] is None for j in inner)
-        # A parameter first in a division or subtraction: ``w / sqrt(v)``, ``b - m * scale``.
-        first = root[ins[i][0]] if root[ins[i][0]] in own_names else None
-        if (name in MUL_OPS or (name in _DIV_OPS and first)) and others_stat:
-            gammas.extend(p for p in (params if name in MUL_OPS else [first]) if p not in gammas)
+        # γ times a tensor derived from a statistic (never a parameter); or γ first in a division,
+        # ``w / sqrt(v)``.
+        by_stat = any(from_stat[j] for j in inner)
+        if by_stat and (name in MUL_OPS or (name in _DIV_OPS and root[ins[i][0]] in own_names)):
+            gammas.extend(p for p in params if p not in gammas)
         elif name in MUL_OPS and inp:
             scaled[i - start] = params[0]
-        elif name in NORM_OPS:
+        elif name in NORM_OPS and inp:
             # A fused kernel given the module's own weight (and bias) arguments.
             gammas.extend(p for p in params[:1] if p not in gammas)
             betas.extend(p for p in params[1:2] if p not in betas)
-        elif (name in ADD_OPS or (name in _SUB_OPS and first)) and gammas:
-            betas.extend(p for p in (params if name in ADD_OPS else [first]) if p not in betas and p not in gammas)
-    if not saw_stat or not gammas:
+        elif (name in ADD_OPS or name in _SUB_OPS) and gammas:
+            # A shift added or subtracted: ``y + b``, ``y - b``, ``x * scale + (b - m * scale)``.
+            betas.extend(p for p in params if p not in betas and p not in gammas)
+    # (Every γ above needed a statistic of the input: a product with one, or a fused kernel.)
+    if not gammas:
         return None
     if identity:
         return KEEPS_IDENTITY
@@ -245,10 +245,10 @@ def _stat_derived(graph: Graph, act: list[bool], norm_nodes: set[int]) -> list[b
     out = [False] * len(graph)
     ins = graph.ins
     for i, name in enumerate(graph.op_names()):
-        if name in LEAF_KINDS or name in MATMUL_OPS or i in norm_nodes:
+        if name in NO_DATAFLOW or name in MATMUL_OPS or i in norm_nodes:
             continue
         if name in STAT_OPS:
-            out[i] = any(act[k] for k in ins[i]) or any(out[k] for k in ins[i])
+            out[i] = any(act[k] for k in ins[i])
         else:
             out[i] = any(out[k] for k in ins[i])
     return out
@@ -256,7 +256,7 @@ def _stat_derived(graph: Graph, act: list[bool], norm_nodes: set[int]) -> list[b
 
 def op_label(name: str) -> str:
     """``native_layer_norm`` -> ``layer_norm``: a norm op as users write it."""
-    return name.removeprefix("native_").removeprefix("_")
+    return name.lstrip("_").removeprefix("native_")
 
 
 def _through_views(graph: Graph, names: list[str], k: int) -> int:
@@ -374,10 +374,7 @@ def _is_known_norm(m: nn.Module) -> bool:
 
 def _known_norm(m: nn.Module, name: str) -> NormModule:
     own = _direct_params(m, name)
-    nm = NormModule(m, name, "type" if isinstance(m, _TORCH_NORM_TYPES) else "registry")
-    nm.gammas = [own[a] for a in GAMMA_NAMES if a in own]
-    nm.betas = [own[a] for a in BETA_NAMES if a in own]
-    return nm
+    return NormModule(m, [own[a] for a in GAMMA_NAMES if a in own], [own[a] for a in BETA_NAMES if a in own])
 
 
 def training_candidate(m: nn.Module) -> bool:
@@ -398,9 +395,9 @@ _UNTRACEABLE = "untraceable"
 def _behaves_like_norm_in_training(m: nn.Module, name: str, train_probe):
     """The behavioural rule on a trace of the module alone in training mode (``train_probe``):
     (γ names, β names), None, or ``_UNTRACEABLE`` when that trace failed (it needs values)."""
-    sub = train_probe(m) if train_probe is not None else None
+    sub = train_probe(m)
     if sub is None:
-        return _UNTRACEABLE if train_probe is not None else None
+        return _UNTRACEABLE
     own = _direct_params(m, "")
     found = _behaves_like_norm(sub, 0, len(sub), own, root_params(sub))
     if found is None or found is KEEPS_IDENTITY:
@@ -434,25 +431,16 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
     ``training_candidate``)."""
     tree = tree if tree is not None else ModuleTree(model)
     root = root_params(graph)
-    modules: dict[int, NormModule] = {}
     warnings: list[str] = []
-    undecided: dict[int, tuple[nn.Module, str]] = {}
     identity: set[int] = set()  # modules that add their input back (KEEPS_IDENTITY)
-
-    for call in graph.calls:
-        m = call.module
-        key = id(m)
-        if key in modules or key in undecided or call.name is None:
-            continue
-        cls = type(m).__name__
-        if _is_known_norm(m):
-            modules[key] = _known_norm(m, call.name)
-        elif cls not in NOT_NORM_CLASSES:
-            undecided[key] = (m, call.name)
-    # Normalizations the forward pass never ran still own a γ (its role is "unused").
-    for name, m in tree.named_modules:  # (a module in ``undecided`` was looked at above)
-        if id(m) not in modules and id(m) not in undecided and _is_known_norm(m):
-            modules[id(m)] = _known_norm(m, name)
+    # Known normalizations, run or not (one the forward pass never ran owns a γ whose role is
+    # "unused"); every other module that ran is looked at by the behavioural rule.
+    modules: dict[int, NormModule] = {id(m): _known_norm(m, name) for name, m in tree.named_modules
+                                      if _is_known_norm(m)}
+    undecided: dict[int, tuple[nn.Module, str]] = {
+        id(call.module): (call.module, call.name) for call in graph.calls
+        if call.name is not None and id(call.module) not in modules
+        and type(call.module).__name__ not in NOT_NORM_CLASSES}
 
     # Behavioural rule, on each call of each remaining module that owns parameters; then, for a
     # module that may use batch statistics only in training mode, on a training-mode trace.
@@ -469,28 +457,25 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
         if found is KEEPS_IDENTITY:
             identity.add(key)
         elif found is not None:
-            modules[key] = NormModule(m, name, "behaviour", found[0], found[1])
+            modules[key] = NormModule(m, found[0], found[1])
     untraceable: list[tuple[int, nn.Module, str]] = []
-    for key, (m, name) in undecided.items():
+    # (Without a probe, as verify's training-mode trace needs none, the rule above has seen it all.)
+    for key, (m, name) in undecided.items() if train_probe is not None else ():
         if key not in modules and key not in identity and training_candidate(m):
             found = _behaves_like_norm_in_training(m, name, train_probe)
             if found is _UNTRACEABLE:
                 untraceable.append((key, m, name))
             elif found is not None:
-                modules[key] = NormModule(m, name, "behaviour in training mode", found[0], found[1])
+                modules[key] = NormModule(m, found[0], found[1])
 
     # Outermost calls of normalization modules: each becomes one node of the dataflow.
     norm_calls: list[int] = []
-    inside: list[int] = []  # per call: the outermost norm call it lies in, or -1
+    within: list[bool] = []  # per call: whether it is a normalization's call or lies inside one
     for c, call in enumerate(graph.calls):
-        parent_root = inside[call.parent] if call.parent >= 0 else -1
-        if parent_root >= 0:
-            inside.append(parent_root)
-        elif id(call.module) in modules and call.end > call.start:
-            inside.append(c)
+        nested = call.parent >= 0 and within[call.parent]
+        if not nested and id(call.module) in modules:
             norm_calls.append(c)
-        else:
-            inside.append(-1)
+        within.append(nested or id(call.module) in modules)
 
     # Native norm ops outside any normalization module: functional use inside a bigger module.
     in_norm_call = set()
@@ -503,35 +488,34 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
             continue
         if not graph.ins[i] or not act[graph.ins[i][0]]:
             continue  # normalizes a parameter (weight standardization), not an activation
-        params = [root[k] for k in graph.ins[i] if root[k] is not None]
-        functional[i] = (params[0] if params else None, params[1] if len(params) > 1 else None)
+        params = [root[k] for k in graph.ins[i] if root[k] is not None] + [None, None]
+        functional[i] = (params[0], params[1])
 
     # Normalizations whose γ lies outside them: a scale right after a γ-less norm, or written inline.
     labels: dict[int, str] = {}  # their γ product's node -> the norm type to report
     norm_nodes = in_norm_call | set(functional)
-    vectors: dict[str, int] | None = None
     gammaless: dict[int, str] = {}  # the output node of each normalization without a γ -> its type
     for c in norm_calls:
         call = graph.calls[c]
-        if not modules[id(call.module)].gammas:
-            last = max((i for i in range(call.start, call.end) if names[i] not in LEAF_KINDS), default=-1)
-            if last >= 0:
-                gammaless[last] = type(call.module).__name__
+        ops = [i for i in range(call.start, call.end) if names[i] not in LEAF_KINDS]
+        if ops and not modules[id(call.module)].gammas:
+            gammaless[ops[-1]] = type(call.module).__name__
     gammaless.update((i, f"functional {op_label(names[i])}") for i, (g, _) in functional.items() if g is None)
+    # A statistic of an activation outside every normalization: a norm written inline, or a warning.
+    stats_outside = any(op in STAT_OPS and i not in norm_nodes and any(act[k] for k in graph.ins[i])
+                        for i, op in enumerate(names))
+    vectors = _vector_params(tree) if gammaless or stats_outside else {}
     if gammaless:
-        vectors = _vector_params(tree)
+        # (Their products stay out of ``norm_nodes``: no statistic outside a norm reaches them.)
         for node, (gamma, beta, norm) in _scales_after_affine_free(graph, root, gammaless, vectors,
                                                                    norm_nodes).items():
             functional[node] = (gamma, beta)
-            norm_nodes.add(node)
             labels[node] = f"{norm} without affine, then a scale"
     stat: list[bool] | None = None
     # Parameters of a scale by a statistic that adds its input back (GRN): no γ, and no warning.
     identity_params = {q for key in identity for q in _direct_params(*undecided[key]).values()}
-    if any(op in STAT_OPS and i not in norm_nodes and any(act[k] for k in graph.ins[i])
-           for i, op in enumerate(names)):
+    if stats_outside:
         stat = _stat_derived(graph, act, norm_nodes)
-        vectors = vectors if vectors is not None else _vector_params(tree)
         for node, pair in _inline_norms(graph, root, act, stat, vectors, norm_nodes, identity_params).items():
             functional[node] = pair
             norm_nodes.add(node)
@@ -552,7 +536,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
         warned: set[int] = set()
         for key, m, name in untraceable:
             # Divides by a statistic (of its buffers) in eval mode; training mode would tell.
-            if any(names[i] in STAT_OPS for c in calls_of.get(key, []) for i in range(c.start, c.end)):
+            if any(names[i] in STAT_OPS for c in calls_of[key] for i in range(c.start, c.end)):
                 warned.add(key)
                 cls = type(m).__name__
                 warnings.append(
@@ -563,7 +547,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
                     f"gammaguide.norms.register_norm_class('{cls}')."
                 )
         for key, m, name in looked_at:
-            if key in warned or key in skip or _affine_only(graph, calls_of.get(key, []), act):
+            if key in warned or key in skip or _affine_only(graph, calls_of[key], act):
                 continue
             if any(q in recognised_params for q in _direct_params(m, name).values()):
                 continue  # a block named like a norm, whose normalization was found inside it
@@ -575,7 +559,6 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
             )
     # A vector parameter scaling a tensor normalized outside any recognised normalization.
     if stat is not None:
-        vectors = vectors if vectors is not None else _vector_params(tree)
         flagged: set[str] = set(identity_params)  # (flagged: warned about already, or never to be)
         for i, op_name in enumerate(names):
             if op_name not in MUL_OPS or i in norm_nodes:
@@ -586,7 +569,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
                     continue
                 if any(stat[j] and root[j] is None for j in graph.ins[i] if j != k):
                     flagged.add(p)
-                    owner = p.rsplit(".", 1)[0] if "." in p else ""
+                    owner = p.rpartition(".")[0]
                     cls = type(tree.module(owner)).__name__
                     warnings.append(
                         f"parameter '{p}' (in {cls} '{owner}') multiplies a tensor normalized by a statistic of an "

@@ -75,21 +75,21 @@ class Graph:
     # Parameters of lazy modules that the pass materialized, made lazy again: id -> their shape.
     lazy_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Per-node facts that several stages derive from the finished graph (see norms.py).
-    memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    memo: dict[Callable, Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ops)
 
-    def derived(self, key: str, compute: Callable[["Graph"], Any]) -> Any:
+    def derived(self, compute: Callable[["Graph"], Any]) -> Any:
         """``compute(self)``, computed once: a per-node fact several stages need."""
-        value = self.memo.get(key)
+        value = self.memo.get(compute)
         if value is None:
-            value = self.memo[key] = compute(self)
+            value = self.memo[compute] = compute(self)
         return value
 
     def op_names(self) -> list[str]:
         """Every node's op by its base name (``add_``; a leaf's kind), computed once."""
-        return self.derived("op_names", _op_names)
+        return self.derived(_op_names)
 
 
 def _op_names(graph: Graph) -> list[str]:
