@@ -70,6 +70,22 @@ def C(a, b):
 
 
 INDEX = [6, 1, 3, 0]
+_weights = torch.Generator().manual_seed(0)
+W_DENSE, W_GROUPS2, W_DEPTHWISE, W_DEPTHWISE2 = (
+    torch.randn(shape, generator=_weights) for shape in ((8, 8, 3, 3), (8, 4, 3, 3), (8, 1, 3, 3), (16, 1, 3, 3)))
+
+
+class Picked(nn.Module):
+    """Channels picked by an index held in a buffer (values known on the meta pass too), in
+    ``pick(x, index)``; the index kept as a 2-D buffer and flattened, a view of it."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.pick = pick
+        self.register_buffer("index", torch.tensor(INDEX).view(2, 2))
+
+    def forward(self, a, b):
+        return self.pick(C(a, b), self.index.flatten())
 
 # Ops the engine follows: the reach is exact.
 MOVES = {
@@ -127,6 +143,30 @@ MOVES = {
     "avg_pool2d": lambda a, b: F.avg_pool2d(C(a, b), 2),
     "tanh": lambda a, b: C(a, b).tanh(),
     "times two": lambda a, b: C(a, b) * 2,
+    "t of a matrix": lambda a, b: C(a, b).flatten(1).t(),
+    "t of a vector": lambda a, b: C(a, b)[0, :, 0, 0].t(),
+    "select the last": lambda a, b: C(a, b)[:, -1],
+    "select spatial": lambda a, b: C(a, b)[:, :, 1],
+    "slice samples": lambda a, b: C(a, b)[1:],
+    "unbind spatial": lambda a, b: C(a, b).unbind(2)[1],
+    "unbind samples": lambda a, b: C(a, b).unbind()[1],
+    "split samples": lambda a, b: torch.split(C(a, b), 1)[1],
+    "chunk samples": lambda a, b: C(a, b).chunk(2)[1],
+    "repeat along height": lambda a, b: C(a, b).repeat(1, 1, 2, 1),
+    "stack a twice": lambda a, b: torch.stack([a, b, 2 * a], 1),
+    "stack two mixed tensors": lambda a, b: torch.stack([torch.atan2(a, b), b, torch.atan2(a, 2 * b)], 1),
+    "atan2 of a mixed half and a, apart": lambda a, b: torch.atan2(C(torch.atan2(a, b), b), C(b, a)),
+    "a mixed half plus b": lambda a, b: C(torch.atan2(a, b), b) + C(b, b),
+    "gated by a sigmoid of a, seen through views": lambda a, b: b * torch.sigmoid(a.mean((2, 3)))[:, :, None, None],
+    "conv": lambda a, b: F.conv2d(C(a, b), W_DENSE, padding=1),
+    "conv, 2 groups": lambda a, b: F.conv2d(C(a, b), W_GROUPS2, padding=1, groups=2),
+    "conv, 2 groups straddling": lambda a, b: F.conv2d(torch.cat([b[:, :2], a, b[:, 2:]], 1), W_GROUPS2, groups=2),
+    "depthwise conv": lambda a, b: F.conv2d(C(a, b), W_DEPTHWISE, padding=1, groups=8),
+    "depthwise conv, two per channel": lambda a, b: F.conv2d(C(a, b), W_DEPTHWISE2, padding=1, groups=8),
+    "conv of b by a": lambda a, b: F.conv2d(b, a),
+    "conv of a by b": lambda a, b: F.conv2d(a, b),
+    "index_select by a buffer": Picked(lambda x, i: x.index_select(1, i)),
+    "index by a buffer": Picked(lambda x, i: x[:, i]),
 }
 
 # Ops the engine does not follow element by element, and ops that pick elements (autograd sees the
@@ -233,6 +273,7 @@ LATER_NORMS = {
     "mean/std over channels": (C, lambda: MeanStd((1,), 8)),
     "mean/std over channels and height": (C, lambda: MeanStd((1, 2), 8)),
     "mean/std over height, cat along it": (lambda a, b: torch.cat([a, b], 2), lambda: MeanStd((2,), 4)),
+    "batch norm of a padded tensor": (lambda a, b: F.pad(C(a, b), (1, 1, 1, 1)), lambda: nn.BatchNorm2d(8, eps=EPS)),
 }
 
 

@@ -107,7 +107,7 @@ def transfer(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> Reach:
     if name == PIECE:
         return _piece(flow, n, arrivals)
     if name in SPLIT_OPS:
-        return arrivals.get(0, NOTHING)  # the pieces take their share
+        return arrivals[0]  # the pieces take their share
     if record is not None:
         handler = _HANDLERS.get(name)
         if handler is not None:
@@ -202,7 +202,7 @@ def _elementwise(flow: "Flow", n: int, name: str, arrivals: dict[int, Reach]) ->
 
 
 def _piece(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> Reach:
-    r = arrivals.get(0, NOTHING)
+    r = arrivals[0]
     if r == NOTHING or (not isinstance(r[0], Part) and not isinstance(r[1], Part)):
         return r
     split = flow.graph.ins[n][0]
@@ -224,28 +224,28 @@ def _piece(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> Reach:
 
 
 # -- handlers for recorded ops: (flow, node, args, result shape, arrivals) -> reach, None = coarse
+# (An op with one tensor argument gets its reach at position 0: ``arrivals[0]``.)
 
 
 def _view(flow, n, args, shape, arrivals):
-    r = arrivals.get(0, NOTHING)
-    return _per_mask(r, lambda m: reshape(m, args[0].shape, shape))
+    return _per_mask(arrivals[0], lambda m: reshape(m, args[0].shape, shape))
 
 
 def _transpose(flow, n, args, shape, arrivals):
     rank = len(args[0].shape)
     perm = list(range(rank))
-    if flow.names[n] == "t" or len(args) < 3:
+    if len(args) < 3:  # ``t``: a matrix transposed, a vector left as it is
         if rank == 2:
             perm = [1, 0]
     else:
         a, b = args[1] % rank, args[2] % rank
         perm[a], perm[b] = perm[b], perm[a]
-    return _per_mask(arrivals.get(0, NOTHING), lambda m: permute(m, rank, perm))
+    return _per_mask(arrivals[0], lambda m: permute(m, rank, perm))
 
 
 def _permute(flow, n, args, shape, arrivals):
     rank = len(args[0].shape)
-    return _per_mask(arrivals.get(0, NOTHING), lambda m: permute(m, rank, list(args[1])))
+    return _per_mask(arrivals[0], lambda m: permute(m, rank, list(args[1])))
 
 
 def _slice(flow, n, args, shape, arrivals):
@@ -255,13 +255,13 @@ def _slice(flow, n, args, shape, arrivals):
     size = src[dim % rank]
     start, stop, step = _arg(args, 2), _arg(args, 3), _arg(args, 4, 1)
     keep = range(size)[slice(start, stop, step)]
-    return _per_mask(arrivals.get(0, NOTHING), lambda m: take(m, rank, dim, keep))
+    return _per_mask(arrivals[0], lambda m: take(m, rank, dim, keep))
 
 
 def _select(flow, n, args, shape, arrivals):
     rank = len(args[0].shape)
     index = args[2] % args[0].shape[args[1] % rank]
-    return _per_mask(arrivals.get(0, NOTHING), lambda m: take(m, rank, args[1], [index], drop=True))
+    return _per_mask(arrivals[0], lambda m: take(m, rank, args[1], [index], drop=True))
 
 
 def _fixed_index(flow: "Flow", k: int, arg) -> bool:
@@ -339,7 +339,7 @@ def _stack(flow, n, args, shape, arrivals):
 
 def _flip(flow, n, args, shape, arrivals):
     rank = len(args[0].shape)
-    r = arrivals.get(0, NOTHING)
+    r = arrivals[0]
     for dim in args[1]:
         size = args[0].shape[dim % rank]
         r = _per_mask(r, lambda m, dim=dim, size=size: take(m, rank, dim, range(size - 1, -1, -1)))
@@ -349,7 +349,7 @@ def _flip(flow, n, args, shape, arrivals):
 def _roll(flow, n, args, shape, arrivals):
     rank = len(args[0].shape)
     shifts, dims = list(args[1]), list(_arg(args, 2, []))
-    r = arrivals.get(0, NOTHING)
+    r = arrivals[0]
     if not dims:
         return None if isinstance(r[0], Part) or isinstance(r[1], Part) else r
     for shift, dim in zip(shifts, dims, strict=False):
@@ -362,25 +362,22 @@ def _roll(flow, n, args, shape, arrivals):
 def _pad(flow, n, args, shape, arrivals):
     """``constant_pad_nd`` pads the last len(pad) / 2 dimensions: elements there keep their
     place, but a part along them gains unscaled neighbours."""
-    r = arrivals.get(0, NOTHING)
+    r = arrivals[0]
     padded = set(range(-(len(args[1]) // 2), 0))
-    if set(arrivals) - {0} or touches(r[0], padded) or touches(r[1], padded):
+    if touches(r[0], padded) or touches(r[1], padded):
         return _mixed(arrivals)
     return r
 
 
 def _expand(flow, n, args, shape, arrivals):
-    return arrivals.get(0, NOTHING)  # expanded dimensions had size 1: never part of a mask
+    return arrivals[0]  # expanded dimensions had size 1: never part of a mask
 
 
 def _repeat(flow, n, args, shape, arrivals):
-    r = arrivals.get(0, NOTHING)
+    r = arrivals[0]
     reps = list(args[1])
-    src = args[0].shape
-    varying = {d for mask in r if isinstance(mask, Part) for d in mask.dims}
-    if all(reps[len(reps) + d] == 1 for d in varying if len(reps) + d >= 0) or len(src) == 0:
-        return r
-    return None
+    varying = {d for mask in r if isinstance(mask, Part) for d in mask.dims}  # negative: from the end
+    return r if all(reps[d] == 1 for d in varying) else None
 
 
 def _channel_shuffle(flow, n, args, shape, arrivals):
@@ -393,7 +390,7 @@ def _channel_shuffle(flow, n, args, shape, arrivals):
     def shuffle(m):
         return reshape(permute(reshape(m, src, split), rank, perm), tuple(split[i] for i in perm), src)
 
-    return _per_mask(arrivals.get(0, NOTHING), shuffle)
+    return _per_mask(arrivals[0], shuffle)
 
 
 def reduced_dims(name: str, args: tuple, rank: int, kwargs: dict | None = None) -> tuple[set[int], bool, bool]:
