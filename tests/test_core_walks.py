@@ -87,6 +87,42 @@ class MixedAndNormalized(nn.Module):
         return self.direct(a) + self.norm(self.mix(torch.cat([a, self.other(x)], 1)))
 
 
+class ShortcutThenStream(nn.Module):
+    """The γ's output reaches the first sum's skip through a projection conv without a norm
+    (shortcut), and is the identity skip of a later sum (stream): the walk must not stop at the
+    shortcut while a sum is still ahead."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.proj = conv_bn(), nn.Conv2d(4, 4, 1, bias=False)
+        self.branch, self.branch2, self.later = conv_bn(), conv_bn(), conv_bn()
+
+    def forward(self, x):
+        h = self.bn(x)
+        a = self.proj(h) + self.branch2(torch.relu(self.branch(h)))
+        return h + self.later(torch.relu(a))
+
+
+class MergedThenHead(nn.Module):
+    """The γ's output is mixed with other features before a later norm (merged), then reaches the
+    output through an op that runs after it (head): the walk must not stop at merged while the
+    output is still ahead."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.other = conv_bn(), nn.Conv2d(4, 4, 1, bias=False)
+        self.mix, self.norm = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.norm(self.mix(torch.cat([a, self.other(x)], 1))), torch.tanh(a)
+
+
+def test_a_walk_goes_on_past_a_weaker_role_while_a_stronger_one_is_ahead(roles):
+    assert roles(gg.analyze(ShortcutThenStream(), X))["bn.1.weight"] == "stream"
+    assert roles(gg.analyze(MergedThenHead(), X))["a.1.weight"] == "head"
+
+
 @pytest.mark.parametrize("output_first", [True, False])
 def test_a_branch_end_that_is_also_returned_is_residual_last(output_first, roles):
     report = gg.analyze(BranchAndOutput(output_first), X)
@@ -150,6 +186,8 @@ EARLY_STOP_MODELS = {
     "branch_and_output": (lambda: BranchAndOutput(True), X),
     "output_and_mixed": (lambda: OutputAndMixed(), X),
     "mixed_and_normalized": (lambda: MixedAndNormalized(), X),
+    "shortcut_then_stream": (lambda: ShortcutThenStream(), X),
+    "merged_then_head": (lambda: MergedThenHead(), X),
 }
 
 
