@@ -36,7 +36,7 @@ class Event:
     node: int  # the normalization, the residual sum's last op, or the output reached
     via: int  # the first weighted op on the way; -1 if none
     operand: int = -1  # for a residual sum: which of its operands
-    reach: Reach = START  # which elements of the γ's output arrived there, scaled or mixed
+    reach: Reach = START  # which elements of the γ's output arrived there, scaled or mixed (sums, output)
 
 
 # Events by strength (roles.ROLE_PRIORITY): a walk may stop once no pending op can lead to a
@@ -148,13 +148,10 @@ def reachable(flow: Flow, sums: Sums) -> list[int]:
 
 
 def _at_norm(flow: Flow, n: int, via: int, arrived: dict[tuple[int, int], Reach]) -> Event:
-    total = NOTHING
-    invariant = True
-    for (_, source), reach in arrived.items():
-        total = reach_union(total, reach)
-        if reach[1] is not None or not invariant_at(flow, n, source, reach[0]):
-            invariant = False
-    return Event("scale_invariant" if invariant else "merged", n, via, reach=total)
+    # (No reach on the event: only a residual sum operand's is read, by verify.)
+    invariant = all(reach[1] is None and invariant_at(flow, n, source, reach[0])
+                    for (_, source), reach in arrived.items())
+    return Event("scale_invariant" if invariant else "merged", n, via)
 
 
 def _at_sum(flow: Flow, sums: Sums, u: int, n: int, arrived: list[tuple[int, int, Reach]], send) -> list[Event]:
