@@ -80,23 +80,24 @@ class MatmulMeanRms(nn.Module):
 
 def test_a_hand_written_rms_norm_is_found_by_its_behaviour_after_other_calls():
     report = quiet(Block(HandRms()), SEQ)
-    assert roles(report) == {"norm.weight": "residual_last"}
+    found = [(e.param_name, e.norm_type, e.role) for e in report.entries]
+    assert found == [("norm.weight", "HandRms", "residual_last")]
 
 
 def test_a_matmul_between_activations_and_a_buffer_is_no_weighted_op():
     report = quiet(Block(MatmulMeanRms()), SEQ)
-    assert roles(report) == {"norm.weight": "residual_last"}
+    assert [(e.param_name, e.norm_type) for e in report.entries] == [("norm.weight", "MatmulMeanRms")]
 
 
-class TanhPlusVar(nn.Module):
-    """A parameter scales the input; a statistic is added afterwards, never divided by."""
+class TanhMinusVar(nn.Module):
+    """A parameter scales the input; a statistic is subtracted afterwards, never divided by."""
 
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.ones(D))
 
     def forward(self, x):
-        return torch.tanh(x) * self.w + x.var(-1, keepdim=True)
+        return torch.tanh(x) * self.w - x.var(-1, keepdim=True)
 
 
 class ChildScaleOverStd(nn.Module):
@@ -112,7 +113,7 @@ class ChildScaleOverStd(nn.Module):
         return x * (self.holder.g / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)) + self.w
 
 
-@pytest.mark.parametrize("module", [TanhPlusVar, ChildScaleOverStd])
+@pytest.mark.parametrize("module", [TanhMinusVar, ChildScaleOverStd])
 def test_a_statistic_that_normalizes_nothing_through_the_modules_own_parameter_is_no_norm(module):
     report = gg.analyze(Block(module()), SEQ)
     assert report.entries == ()
@@ -223,21 +224,23 @@ def test_a_scale_and_shift_after_an_affine_free_norm_and_the_vectors_that_are_ne
     assert [e.norm_type for e in report.entries] == ["BatchNorm2d without affine, then a scale"]
 
 
-class AffineFreeThenBias(nn.Module):
-    """BatchNorm without affine, then only a bias added (no scale), then a per-position mask."""
+class AffineFreeThen(nn.Module):
+    """LayerNorm without affine, then only a bias added (no scale), or a per-position mask."""
 
-    def __init__(self):
+    def __init__(self, masked: bool):
         super().__init__()
         self.proj, self.ln = nn.Linear(D, D), nn.LayerNorm(D, elementwise_affine=False)
         self.shift, self.mask = nn.Parameter(torch.zeros(D)), nn.Parameter(torch.ones(2, D))
-        self.head = nn.Linear(D, 3)
+        self.head, self.masked = nn.Linear(D, 3), masked
 
     def forward(self, x):
-        return self.head((self.ln(self.proj(x)) + self.shift) * self.mask)
+        h = self.ln(self.proj(x))
+        return self.head(h * self.mask if self.masked else h + self.shift)
 
 
-def test_a_bias_or_a_matrix_after_an_affine_free_norm_is_no_gamma():
-    report = quiet(AffineFreeThenBias(), torch.randn(3, 2, D))
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_bias_or_a_matrix_after_an_affine_free_norm_is_no_gamma(masked):
+    report = quiet(AffineFreeThen(masked), torch.randn(3, 2, D))
     found = kinds(report)
     assert report.entries == () and (found["shift"], found["mask"]) == ("other", "weight")
 
