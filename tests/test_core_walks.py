@@ -220,3 +220,19 @@ def test_an_analysis_computes_reachability_once_and_every_walk_stops_early(monke
     assert len(report.entries) == 21  # the stem's, two per block of nine, two projection shortcuts'
     assert computed == [1]
     assert len(given) == 21 and all(isinstance(a, list) for a in given)
+
+
+def test_a_walk_goes_on_through_a_sum_it_reached_only_through_linears(roles):
+    """FocalNet's modulation: the block norm's output feeds one linear whose chunks build the
+    context sums (every operand reached through it), so the walk goes on through those sums to the
+    block's residual add, whose branch it ends."""
+    from timm.models.focalnet import FocalNet
+
+    report = gg.analyze(FocalNet(depths=(1, 1, 1, 1), embed_dim=16, num_classes=10), torch.randn(1, 3, 64, 64),
+                        warn=False)
+    expected = {"stem.norm.weight": "stream", "norm.weight": "head"}
+    for stage in range(4):
+        expected |= {f"layers.{stage}.blocks.0.norm{k}.weight": "residual_last" for k in (1, 2)}
+        if stage:
+            expected[f"layers.{stage}.downsample.norm.weight"] = "stream"
+    assert roles(report) == expected
