@@ -147,10 +147,29 @@ class FusedBnParamStats(nn.Module):
 @pytest.mark.parametrize("module", [FusedLn, FusedBnParamStats])
 def test_a_fused_kernel_given_the_modules_weight_and_bias(module):
     report = quiet(Block(module()), SEQ)
-    assert roles(report) == {"norm.weight": "residual_last"}
+    assert [(e.param_name, e.norm_type, e.role) for e in report.entries] == [
+        ("norm.weight", module.__name__, "residual_last")]
     found = {n: k for n, k in kinds(report).items() if n.startswith("norm.")}
     assert found["norm.weight"] == "gamma" and found["norm.bias"] == "beta"
     assert {found.get("norm.mean", "other"), found.get("norm.var", "other")} == {"other"}
+
+
+class FoldedLn(nn.Module):
+    """A LayerNorm with its γ folded into the scale first: ``w / std(x)``, the statistic the
+    call's first op."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(D))
+
+    def forward(self, x):
+        scale = self.weight / x.std(-1, keepdim=True)
+        return (x - x.mean(-1, keepdim=True)) * scale
+
+
+def test_a_gamma_divided_by_the_calls_first_op_a_statistic():
+    report = quiet(Block(FoldedLn()), SEQ)
+    assert [(e.param_name, e.norm_type) for e in report.entries] == [("norm.weight", "FoldedLn")]
 
 
 class RmsOverTemperature(HandRms):
@@ -337,6 +356,21 @@ def test_a_norm_of_a_weight_is_none_and_a_functional_norm_may_have_no_beta():
     assert messages == []
 
 
+class GammalessGroupNormThenScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.g, self.head = nn.Conv2d(2, 2, 1), nn.Parameter(torch.ones(1, 2, 1, 1)), nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        return self.head(x + F.group_norm(self.conv(x), 1) * self.g)
+
+
+def test_a_scale_after_a_functional_norm_without_affine():
+    report = quiet(GammalessGroupNormThenScale(), IMG)
+    assert [(e.param_name, e.norm_type) for e in report.entries] == [
+        ("g", "functional group_norm without affine, then a scale")]
+
+
 def test_op_labels_read_as_users_write_them():
     assert {n: op_label(n) for n in ("native_layer_norm", "_fused_rms_norm", "group_norm")} == {
         "native_layer_norm": "layer_norm", "_fused_rms_norm": "fused_rms_norm", "group_norm": "group_norm"}
@@ -358,7 +392,23 @@ class FP32LayerNorm(nn.Module):
         return self.inner(x.float()).type_as(x)
 
 
+class LPLayerNorm(FP32LayerNorm):
+    """A known norm class (the registry has this name) with a γ of its own, scaling the output of
+    the LayerNorm it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(D))
+
+    def forward(self, x):
+        return super().forward(x) * self.weight
+
+
 def test_a_norm_called_inside_a_known_norm_is_one_normalization():
+    report = quiet(nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D), FP32LayerNorm(), nn.Linear(D, 3)), SEQ)
+    reasons = {e.param_name: (e.role, e.reason) for e in report.entries}
+    assert reasons["1.weight"] == ("scale_invariant", "every path meets another normalization first (2)")
+    assert roles(quiet(LPLayerNorm(), SEQ)) == {"weight": "head", "inner.0.weight": "head"}
     report = quiet(Block(FP32LayerNorm()), SEQ)
     assert roles(report) == {"norm.inner.0.weight": "residual_last"}
     alone = quiet(FP32LayerNorm(), SEQ)
