@@ -568,3 +568,40 @@ def test_verify_traces_without_a_training_probe():
     assert {c.param_name: (c.role, c.result) for c in checks} == {
         "0.1.weight": ("stream", "not_applicable"), "0.2.n1.weight": ("scale_invariant", "pass"),
         "0.2.n2.weight": ("residual_last", "pass")}
+
+
+class PostNormBlock(nn.Module):
+    """Named like a norm, owns parameters and a linear: a block whose normalization (a functional
+    LayerNorm with the block's own weight) was found inside it. No warning for it; the warnings for
+    the modules after it still come."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.w, self.b = nn.Linear(D, D), nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        return F.layer_norm(x + self.fc(x), (D,), self.w, self.b)
+
+
+def test_a_block_named_like_a_norm_that_holds_one_is_not_warned_about_but_the_next_module_is():
+    report, messages = warned(nn.Sequential(nn.Linear(D, D), PostNormBlock(), AbsNorm(), nn.Linear(D, 3)), SEQ)
+    assert roles(report) == {"1.w": "head"}
+    assert [m.split(" looks like")[0] for m in messages] == ["module '2' (AbsNorm)"]
+
+
+class SharedScale(nn.Module):
+    """A LayerNorm's γ also scales a tensor squashed after its own normalization: it has its role
+    already, so no warning calls it a γ-like parameter outside a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln, self.head = nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(self.ln(h) + torch.tanh(h / h.std(-1, keepdim=True)) * self.ln.weight)
+
+
+def test_a_recognised_gamma_used_again_outside_its_norm_is_not_warned_about():
+    report, messages = warned(SharedScale(), SEQ)
+    assert [e.param_name for e in report.entries] == ["ln.weight"] and messages == []
