@@ -12,8 +12,8 @@ A module is a normalization when
    and one of the module's own parameters multiplies a tensor derived from that statistic
    (``w * (x * rsqrt(v))``, or ``x * (w / sqrt(v))``), or multiplies the input before the
    product is multiplied or divided by it (``w * x * rsqrt(v)``). That parameter is the
-   module's γ; its own parameters that are added afterwards (or that the shift is subtracted
-   from) are β. The trace runs in eval mode, where a hand-written BatchNorm divides by its
+   module's γ; its own parameters that are added or subtracted afterwards (``y + b``, ``y - b``,
+   ``b - m * scale``) are β. The trace runs in eval mode, where a hand-written BatchNorm divides by its
    running statistics, which look like constants; so a leaf module with parameters and
    floating-point buffers that fails the rule is traced once more, alone and in training
    mode, on meta twins of its inputs, and the rule is checked on that trace.
