@@ -3,6 +3,7 @@
     python scripts/mutation.py policy            # one module: its score and its surviving mutants
     python scripts/mutation.py --list            # the modules and the tests that cover each
     python scripts/mutation.py stats --jobs 2 --keep /tmp/mut-stats
+    python scripts/mutation.py stats --keep /tmp/mut-stats --recheck NAME...   # after a new test
 
 mutmut (``pip install -e '.[mutation]'``) makes every one-line change it knows to the module
 (an operator, a comparison, a constant, a string, a call's argument...), runs the tests that cover
@@ -155,6 +156,31 @@ def summarize(name: str, module: dict, workdir: Path, meta: Path, wall: float, k
     return 1 if survived or stale else 0
 
 
+def recheck(name: str, keep: Path, mutants: list[str]) -> int:
+    """Run the module's tests, as they are now in the checkout, against each named mutant of the run
+    kept in ``keep``: a survivor checked against a new test in seconds, without a full run. Judged by
+    pytest's exit status (1: a test failed), never by its summary line, where a strict xfail reads
+    "xfailed". Exit status 0 when every one is killed."""
+    module = load_config()["modules"].get(name)
+    if module is None or not (keep / "mutants" / "src").is_dir():
+        print(f"need a module of scripts/mutation.toml and a run kept with --keep (got {name!r}, {keep})",
+              file=sys.stderr)
+        return 2
+    tests = [str(ROOT / t) for t in module["tests"]]
+    alive = 0
+    for mutant in mutants:
+        # From a folder outside the checkout: there the editable install cannot shadow the mutated copy.
+        env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(keep / "mutants" / "src"),
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=tempfile.gettempdir(), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL).returncode
+        verdict = {0: "survived", 1: "killed"}.get(code, f"not judged (pytest exit {code})")
+        alive += code != 1
+        print(f"{verdict}: {mutant}", flush=True)
+    return 1 if alive else 0
+
+
 def _mutmut() -> str:
     """mutmut's command: on PATH, or next to this Python (a virtual environment not activated)."""
     return shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
@@ -179,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (an earlier run there resumes)")
     parser.add_argument("--committed", action="store_true",
                         help="mutate the last commit, not the working tree (others' uncommitted edits left out)")
+    parser.add_argument("--recheck", nargs="+", metavar="MUTANT",
+                        help="with --keep: run today's tests against these mutants of the kept run, one by one")
     args = parser.parse_args(argv)
+    if args.recheck:
+        if args.keep is None or not args.module:
+            parser.error("--recheck needs the module and --keep DIR of the run to recheck")
+        return recheck(args.module, args.keep, args.recheck)
     if args.list or not args.module:
         for name, module in load_config()["modules"].items():
             print(f"{name:13} {module['path']}: {' '.join(module['tests'])}")
