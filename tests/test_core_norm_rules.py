@@ -520,19 +520,10 @@ class ParamFreeNorm(nn.Module):
         return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + 1e-5)
 
 
-class NoNorm(nn.Module):
-    """MobileBERT's affine map: reduces nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(D))
-
-    def forward(self, x):
-        return x * self.weight
-
-
 def test_each_unrecognised_norm_looking_module_is_one_warning_and_an_affine_map_none():
-    model = nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D), NoNorm(), AbsNorm(), CenterNorm(), ParamFreeNorm(),
+    from test_core_norm_detection import NoNorm  # MobileBERT's affine map: reduces nothing
+
+    model = nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D), NoNorm(D), AbsNorm(), CenterNorm(), ParamFreeNorm(),
                           nn.Linear(D, 3))
     report, messages = warned(model, SEQ)
     assert roles(report) == {"1.weight": "head"}
