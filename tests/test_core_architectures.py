@@ -280,3 +280,50 @@ def test_pre_ln_decoders(kind, roles):
     assert {e.norm_type for e in report.entries} == {norm_type}
     # Two residual adds per block: attention and MLP.
     assert len(report.residual_adds) == 2 * n_layers
+
+
+# Decoders with q/k norms: the γ of a query or key norm scales the attention logits, so it sets
+# the softmax's temperature over the values. A norm after the attention (OLMo 2's post-norm,
+# Gemma 3's sandwich) cannot divide that out: merged. With the branch going straight to the
+# residual add (Qwen 3) it ends the branch. Gemma 3's input norm reaches the logits only through
+# the q/k norms and the values through its post-attention norm: scale_invariant.
+QK_NORMS = {
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"self_attn.q_norm": "merged", "self_attn.k_norm": "merged",
+                                                  "post_attention_layernorm": "residual_last",
+                                                  "post_feedforward_layernorm": "residual_last"}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "self_attn.q_norm": "merged", "self_attn.k_norm": "merged", "input_layernorm": "scale_invariant",
+        "post_attention_layernorm": "residual_last", "pre_feedforward_layernorm": "scale_invariant",
+        "post_feedforward_layernorm": "residual_last"}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"self_attn.q_norm": "residual_last",
+                                                  "self_attn.k_norm": "residual_last",
+                                                  "input_layernorm": "residual_last",
+                                                  "post_attention_layernorm": "residual_last"}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(QK_NORMS))
+def test_query_and_key_norms_set_the_attention_temperature(kind, roles):
+    config, cls, block = QK_NORMS[kind]
+    if not hasattr(transformers, cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
+    model = hf_model(config, cls, num_key_value_heads=2, head_dim=16, **TINY)
+    got = roles(analyze_quiet(model, {"input_ids": ids()}))
+    exp = {f"model.layers.{i}.{n}.weight": role for i in range(TINY["num_hidden_layers"]) for n, role in block.items()}
+    exp["model.norm.weight"] = "head"
+    assert got == exp
+
+
+def test_a_query_norm_gamma_is_not_divided_out_by_the_post_attention_norm():
+    """What makes OLMo 2's q_norm merged, numerically: doubling its γ changes the output of the
+    post-attention norm (a scale-invariant γ would leave it as it was)."""
+    if not hasattr(transformers, "Olmo2ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Olmo2ForCausalLM")
+    model = hf_model("Olmo2Config", "Olmo2ForCausalLM", num_key_value_heads=2, head_dim=16, **TINY)
+    layer, x, seen = model.model.layers[0], ids(), []
+    layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with torch.no_grad():
+        model(input_ids=x)
+        layer.self_attn.q_norm.weight.mul_(2)
+        model(input_ids=x)
+    assert (seen[1] - seen[0]).norm() > 1e-3 * seen[0].norm()

@@ -167,6 +167,18 @@ MOVES = {
     "conv of a by b": lambda a, b: F.conv2d(a, b),
     "index_select by a buffer": Picked(lambda x, i: x.index_select(1, i)),
     "index by a buffer": Picked(lambda x, i: x[:, i]),
+    # Attention on (samples, heads, positions, features): a γ in the queries or keys alone sets the
+    # softmax's temperature over other features, so its elements are mixed; in the values, scaled.
+    "attention, the values": lambda a, b: F.scaled_dot_product_attention(C(b, b), C(b, b), C(a, b)),
+    "attention, the queries": lambda a, b: F.scaled_dot_product_attention(C(a, b), C(b, b), C(b, b)),
+    "attention, the keys": lambda a, b: F.scaled_dot_product_attention(C(b, b), C(a, b), C(b, b)),
+    "attention, all three": lambda a, b: F.scaled_dot_product_attention(C(a, b), C(a, b), C(a, b)),
+    "attention, values whose features half carry it": lambda a, b: F.scaled_dot_product_attention(
+        b, b, torch.cat([a, b], 3)[..., 2:6]),
+    "attention, values whose positions half carry it": lambda a, b: F.scaled_dot_product_attention(
+        b, b, torch.cat([a, b], 2)[:, :, 2:6]),
+    "attention by hand, the queries": lambda a, b: torch.softmax(C(a, b) @ C(b, b).transpose(-1, -2), -1) @ C(b, b),
+    "attention by hand, the values": lambda a, b: torch.softmax(C(b, b) @ C(b, b).transpose(-1, -2), -1) @ C(a, b),
 }
 
 # Ops the engine does not follow element by element, and ops that pick elements (autograd sees the
@@ -274,6 +286,14 @@ LATER_NORMS = {
     "mean/std over channels and height": (C, lambda: MeanStd((1, 2), 8)),
     "mean/std over height, cat along it": (lambda a, b: torch.cat([a, b], 2), lambda: MeanStd((2,), 4)),
     "batch norm of a padded tensor": (lambda a, b: F.pad(C(a, b), (1, 1, 1, 1)), lambda: nn.BatchNorm2d(8, eps=EPS)),
+    "batch norm after attention, the queries": (
+        lambda a, b: F.scaled_dot_product_attention(C(a, b), C(b, b), C(b, b)), lambda: nn.BatchNorm2d(8, eps=EPS)),
+    "layer norm after attention, the keys": (
+        lambda a, b: F.scaled_dot_product_attention(C(b, b), C(a, b), C(b, b)), lambda: nn.LayerNorm(4, eps=EPS)),
+    "batch norm after attention, the values": (
+        lambda a, b: F.scaled_dot_product_attention(C(b, b), C(b, b), C(a, b)), lambda: nn.BatchNorm2d(8, eps=EPS)),
+    "batch norm after attention by hand, the queries": (
+        lambda a, b: torch.softmax(C(a, b) @ C(b, b).transpose(-1, -2), -1) @ C(b, b), lambda: nn.BatchNorm2d(8, eps=EPS)),
 }
 
 

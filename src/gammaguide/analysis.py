@@ -218,7 +218,7 @@ def build_report(
         beta_ids.update(id(inner_params[b]) for b in nm.betas)
     for node, (g, b) in finding.functional.items():
         if g is not None and g in inner_params:
-            owner = g.rsplit(".", 1)[0] if "." in g else ""
+            owner = g.rpartition(".")[0]
             owner_mod = tree.module(owner)
             label = finding.labels.get(node) or f"functional {op_label(base_name(graph.ops[node]))}"
             gamma_info.setdefault(id(inner_params[g]), (g, module_outer.get(id(owner_mod), owner), label))

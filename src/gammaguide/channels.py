@@ -124,7 +124,7 @@ def transfer(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> Reach:
     if name in ("mm", "bmm", "addmm", "baddbmm", "addbmm", "_addmm_activation"):
         return _matmul(flow, n, name, arrivals)
     if name.startswith(_SDPA_PREFIXES):
-        return _attention(arrivals)
+        return _attention(flow, n, arrivals)
     if name in ("copy_", "copy"):
         return arrivals.get(1, NOTHING)  # the result holds the source's values
     if name in _SAME_PLACE or _pointwise(op):
@@ -160,8 +160,9 @@ def _multiplicative(reaches) -> Reach:
 
 def _gate(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> bool:
     """Does the γ reach product ``n`` only as a gate: squashed by a sigmoid or softmax (seen through
-    views), multiplying features that carry none of it (squeeze-excitation, split attention)?
-    The γ then sets how the gate saturates, not a scale: no norm downstream divides it out."""
+    views), multiplying features that carry none of it (squeeze-excitation, split attention,
+    attention weights applied to values)? The γ then sets how the gate saturates, not a scale: no
+    norm downstream divides it out."""
     ins, names = flow.graph.ins[n], flow.names
     if not any(_foreign(flow, n, p, arrivals) for p in range(len(ins))):
         return False  # ``x * sigmoid(x)``: a nonlinearity of the γ's own features
@@ -500,6 +501,8 @@ def _matmul(flow, n, name, arrivals):
         if name == "addbmm" and (touches(r[0], {-3}) or touches(r[1], {-3})):
             return _mixed(arrivals)
         product.append(r)
+    if not first and product and _gate(flow, n, arrivals):
+        return _gated(_multiplicative(product))  # softmax(q @ k.T) @ v, the γ in q or k only
     terms = [_multiplicative(product)] if product else []
     if first and (0 in arrivals or _foreign(flow, n, 0, arrivals)):
         terms.append(arrivals.get(0))
@@ -514,14 +517,23 @@ def _matmul(flow, n, name, arrivals):
     return additive(terms)
 
 
-def _attention(arrivals: dict[int, Reach]) -> Reach:
+def _attention(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> Reach:
     """Scaled dot-product attention: each query row gives one output row; keys and values are
-    mixed across positions."""
+    mixed across positions. A γ in the queries or keys alone, with values of other features, is
+    a gate on them (as in ``_gate``): it sets the softmax's temperature, which no norm divides out."""
     kept = {0: {-1}, 1: {-1, -2}, 2: {-2}}
     for pos, r in arrivals.items():
         if pos not in kept or touches(r[0], kept[pos]) or touches(r[1], kept[pos]):
             return _mixed(arrivals)
-    return _multiplicative(arrivals.values())
+    out = _multiplicative(arrivals.values())
+    if 2 not in arrivals and _foreign(flow, n, 2, arrivals):
+        return _gated(out)
+    return out
+
+
+def _gated(reach: Reach) -> Reach:
+    """What a gate's product carries: every element the γ reaches is mixed with other features."""
+    return None, union(reach[0], reach[1])
 
 
 # ----------------------------------------------------------------------------- normalization groups
