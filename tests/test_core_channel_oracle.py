@@ -293,7 +293,8 @@ LATER_NORMS = {
     "batch norm after attention, the values": (
         lambda a, b: F.scaled_dot_product_attention(C(b, b), C(b, b), C(a, b)), lambda: nn.BatchNorm2d(8, eps=EPS)),
     "batch norm after attention by hand, the queries": (
-        lambda a, b: torch.softmax(C(a, b) @ C(b, b).transpose(-1, -2), -1) @ C(b, b), lambda: nn.BatchNorm2d(8, eps=EPS)),
+        lambda a, b: torch.softmax(C(a, b) @ C(b, b).transpose(-1, -2), -1) @ C(b, b),
+        lambda: nn.BatchNorm2d(8, eps=EPS)),
 }
 
 
