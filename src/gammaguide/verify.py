@@ -100,12 +100,12 @@ class _Enough(Exception):
 
 class _Capture(TorchDispatchMode):
     """Keeps, by the ops' order of execution, the tensor arguments of some ops and the result of
-    others, and ends the forward pass after the last of them."""
+    others (at least one op), and ends the forward pass after the last of them."""
 
     def __init__(self, arguments: set[int], results: set[int]):
         super().__init__()
         self.arguments, self.results, self.count = arguments, results, 0
-        self.last = max(arguments | results, default=-1)
+        self.last = max(arguments | results)
         self.kept: dict[int, list[torch.Tensor]] = {}
         self.out: dict[int, torch.Tensor] = {}
 

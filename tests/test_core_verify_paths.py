@@ -1,0 +1,192 @@
+"""gg.verify on the ways a branch enters a residual sum, and on forward passes that verify has to
+replay op by op: products that add (addcmul, addmm, baddbmm, addbmm, addcdiv) with the γ in either
+factor, attention masks made inside forward, a functional norm as the next norm, a branch skipped
+when it is zero, and inputs that give a BatchNorm one value per channel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gammaguide as gg
+
+N, D, L = 6, 8, 5
+
+
+def check_of(model: nn.Module, x, name: str) -> gg.Check:
+    checks = {c.param_name: c for c in gg.verify(model, x)}
+    return checks[name]
+
+
+class AddProduct(nn.Module):
+    """``x + (product of the branch and another factor)``, written as one op; the branch is
+    ``norm(linear(x))`` and the other factor a fixed matrix (a graph's adjacency) or another
+    feature of ``x``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc, self.other = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
+        self.norm = nn.BatchNorm1d(D)
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("adjacency", torch.rand(N, N, generator=generator) + 0.1)
+        self.register_buffer("adjacency3", torch.rand(2, N, N, generator=generator) + 0.1)
+        self.register_buffer("divisor", torch.rand(N, D, generator=generator) + 0.5)
+
+    def forward(self, x):
+        branch = self.norm(self.fc(x))
+        other = self.other(x)
+        if self.how == "addcmul, the branch first":
+            return torch.addcmul(x, branch, other)
+        if self.how == "addcmul, the branch second":
+            return torch.addcmul(x, other, branch)
+        if self.how == "addcdiv":
+            return torch.addcdiv(x, branch, self.divisor)
+        if self.how == "addmm, the branch second":
+            return torch.addmm(x, self.adjacency, branch)
+        if self.how == "addmm, the branch first":
+            return torch.addmm(x, branch, self.other.weight.T)
+        if self.how == "baddbmm":
+            return torch.baddbmm(x.expand(2, N, D), self.adjacency3, branch.expand(2, N, D))
+        if self.how == "addbmm":
+            return torch.addbmm(x, self.adjacency3, branch.expand(2, N, D))
+        raise AssertionError(self.how)
+
+
+HOWS = ["addcmul, the branch first", "addcmul, the branch second", "addcdiv", "addmm, the branch second",
+        "addmm, the branch first", "baddbmm", "addbmm"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_zeroing_the_gamma_zeroes_the_product_that_enters_the_sum(how):
+    """The operand of such a sum is the product, not its first factor: with the γ in the second
+    factor the first stays non-zero, and only the product shows the branch switched off."""
+    c = check_of(AddProduct(how), torch.randn(N, D), "norm.weight")
+    assert (c.role, c.result) == ("residual_last", "pass"), c
+    assert c.detail == "zeroing γ and β zeroed its branch of 1 residual sum(s)"
+
+
+class SkipsAZeroBranch(nn.Module):
+    """Leaves the sum out when its branch is all zero (a data-dependent forward): the pass with
+    the γ zeroed never runs the sum the trace saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(D, D, bias=False), nn.BatchNorm1d(D)
+
+    def forward(self, x):
+        branch = self.norm(self.fc(x))
+        if bool(branch.abs().sum() == 0):
+            return x * 1.0
+        return x + branch
+
+
+def test_a_sum_the_zeroed_pass_never_runs_cannot_be_observed():
+    c = check_of(SkipsAZeroBranch(), torch.randn(N, D), "norm.weight")
+    assert (c.role, c.result) == ("residual_last", "not_applicable"), c
+    assert c.detail == "the branch could not be observed in the train-mode pass"
+
+
+class CausalBlock(nn.Module):
+    """A pre-LN attention block whose causal mask is made inside forward: by a factory with a
+    dtype (``torch.ones(..., dtype=torch.bool)``) or by a cast (``.bool()``). Verify replays the
+    forward pass op by op, keyword arguments included; without them the mask is a float tensor."""
+
+    def __init__(self, mask: str):
+        super().__init__()
+        self.mask = mask
+        self.norm, self.qkv, self.proj = nn.LayerNorm(D), nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+        if self.mask == "factory":
+            allowed = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        else:
+            allowed = x.new_ones(L, L).tril().bool()
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+        return x + self.proj(torch.softmax(scores, -1) @ v)
+
+
+@pytest.mark.parametrize("mask", ["factory", "cast"])
+def test_a_mask_made_inside_forward_keeps_its_dtype(mask):
+    model = nn.Sequential(CausalBlock(mask), nn.LayerNorm(D), nn.Linear(D, 2))
+    c = check_of(model, torch.randn(2, L, D), "0.norm.weight")
+    assert (c.role, c.result) == ("residual_last", "not_applicable"), c
+    assert c.detail.startswith("branch does not map zero to zero: addmm")  # the biased linears
+
+
+class FunctionalNext(nn.Module):
+    """conv-BN-ReLU-conv, then a norm written with F.layer_norm on parameters of its own: the
+    next norm's output is found by replaying ops, not by a module's forward hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.ln_weight, self.ln_bias = nn.Parameter(torch.ones(4, 4, 4)), nn.Parameter(torch.zeros(4, 4, 4))
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x):
+        h = self.conv2(F.relu(self.bn(self.conv1(x))))
+        return self.head(F.layer_norm(h, (4, 4, 4), self.ln_weight, self.ln_bias).flatten(1))
+
+
+def test_a_functional_norm_after_the_gamma_divides_it_out():
+    c = check_of(FunctionalNext(), torch.randn(4, 3, 4, 4), "bn.weight")
+    assert (c.role, c.result) == ("scale_invariant", "pass"), c
+    assert c.detail.startswith("doubling γ and β changed the output of the next normalization(s) by ")
+
+
+class TwoInputs(nn.Module):
+    """Normalizes the first sample alone: a BatchNorm in train mode sees one value per channel
+    whatever the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, D), nn.Linear(3, D)
+        self.bn, self.fc, self.bn2 = nn.BatchNorm1d(D), nn.Linear(D, D, bias=False), nn.BatchNorm1d(D)
+
+    def forward(self, x, y):
+        return self.bn2(self.fc(torch.relu(self.bn((self.a(x) + self.b(y))[:1]))))
+
+
+@pytest.mark.parametrize(("batch", "suggested"), [(1, 2), (3, 6)])
+def test_one_value_per_channel_suggests_twice_the_batch_for_every_input(batch, suggested):
+    checks = gg.verify(TwoInputs(), (torch.randn(batch, 4), torch.randn(batch, 3)))
+    assert [c.result for c in checks] == ["not_applicable", "not_applicable"]
+    for c in checks:
+        assert (f"sees one value per channel with inputs args[0]: float32[{batch}, 4], args[1]: float32[{batch}, 3]"
+                in c.detail)
+        assert c.detail.endswith(f"e.g. args[0]: float32[{suggested}, 4], args[1]: float32[{suggested}, 3]")
+
+
+def test_one_value_per_channel_with_keyword_inputs():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, D), nn.BatchNorm1d(D)
+
+        def forward(self, *, features):
+            return self.bn(self.fc(features))
+
+    checks = gg.verify(Keyword(), {"features": torch.randn(1, 4)})
+    assert [c.result for c in checks] == ["not_applicable"]
+    assert checks[0].detail.endswith("e.g. features: float32[2, 4]")
+
+
+def test_an_error_other_than_one_value_per_channel_is_raised():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, D), nn.BatchNorm1d(D)
+
+        def forward(self, x):
+            h = self.bn(self.fc(x))
+            if self.training:
+                raise ValueError("only in training")
+            return h
+
+    with pytest.raises(ValueError, match="only in training"):
+        gg.verify(Broken(), torch.randn(2, 4))
