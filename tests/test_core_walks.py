@@ -11,6 +11,7 @@ import gammaguide as gg
 from gammaguide import models
 from gammaguide.analysis import trace_model
 from gammaguide.roles import evidence, strongest
+from gammaguide.walks import reachable, walk
 
 # Every test twice: analyze's default pass on meta tensors, and the real pass (conftest.py).
 pytestmark = pytest.mark.usefixtures("forward_pass")
@@ -118,6 +119,167 @@ class MergedThenHead(nn.Module):
         return self.norm(self.mix(torch.cat([a, self.other(x)], 1))), torch.tanh(a)
 
 
+class ThroughAProjectedSum(nn.Module):
+    """The γ's output reaches every operand of a residual sum through the same conv (``z =
+    silu(conv(h))`` written out, then ``z + f(z)``; a skip that is no conv's output keeps the sum
+    from being a sum of two heads):
+    it scales the whole sum, which is returned (``end="output"``), goes on to a later norm
+    (``"norm"``) or reaches the output through a ReLU (``"relu"``)."""
+
+    def __init__(self, end: str):
+        super().__init__()
+        self.end = end
+        self.bn, self.proj = conv_bn(), nn.Conv2d(4, 4, 1, bias=False)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.later = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        p = self.proj(self.bn(x))
+        z = p * torch.sigmoid(p)
+        y = z + self.branch(z)
+        if self.end == "norm":
+            return self.later(y)
+        return torch.relu(y) if self.end == "relu" else y
+
+
+@pytest.mark.parametrize(("end", "role", "line"), [
+    ("output", "head", "reaches the model output through proj with no normalization in between"),
+    ("relu", "head", "reaches the model output through proj with no normalization in between"),
+    ("norm", "scale_invariant", "every path meets another normalization first (later)"),
+])
+def test_a_walk_through_a_sum_it_scales_whole_ends_after_it(end, role, line):
+    """Not at the sum (it is no branch and no skip of this γ): a head where the sum is the output
+    or reaches it, the later norm's role where one follows; a head event only at the output."""
+    [entry] = [e for e in gg.analyze(ThroughAProjectedSum(end), X).entries if e.param_name == "bn.1.weight"]
+    assert entry.role == role
+    assert line in entry.reason
+
+
+class HalfThroughAProjectedSum(nn.Module):
+    """As ThroughAProjectedSum, the skip laid side by side with other features and the branch a
+    depthwise conv: the γ reaches channels 0-3 of every operand, so of the returned sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.proj, self.other = conv_bn(), nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 4, 1)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+
+    def forward(self, x):
+        p = self.proj(self.bn(x))
+        z = torch.cat([p * torch.sigmoid(p), self.other(x)], 1)
+        return z + self.branch(z)
+
+
+def test_the_head_event_at_a_returned_sum_says_which_elements_carry_the_gamma():
+    from gammaguide.verify import _mask_tensor
+
+    df = trace_model(HalfThroughAProjectedSum(), X, on_meta=False).flow
+    [u] = df.uses()["bn.1.weight"]
+    [event] = df.events(u)
+    assert (event.role, df.flow.names[event.node], event.operand) == ("head", "add", -1)
+    scaled, mixed = event.reach
+    assert mixed is None
+    expected = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    expected[:, :4] = True
+    assert torch.equal(_mask_tensor(scaled, expected.shape), expected)
+
+
+class NormlessBranch(nn.Module):
+    """``h + conv(h)`` with no norm in the branch: the same sum is reached directly (the skip) and
+    through a conv (the branch); the skip's arrival has no weighted op on its way: stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.branch, self.head = conv_bn(), nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.bn(x)
+        return self.head(h + self.branch(h))
+
+
+class ReturnedAndTwoSkips(nn.Module):
+    """The γ's output is returned (head) and is the skip of two sums (stream): a walk that has found
+    the head must not stop while one sum waits to be looked at and another is still ahead."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.f, self.g = conv_bn(), conv_bn(), conv_bn()
+
+    def forward(self, x):
+        h = self.bn(x)
+        return h, h + self.f(h), h + self.g(h)
+
+
+class ReturnedAndSkipThroughAReLU(nn.Module):
+    """As ReturnedAndTwoSkips, the skip through a ReLU that also feeds another output: the walk
+    knows a sum is ahead only if the ReLU's reach counts every one of its successors."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.f = conv_bn(), conv_bn()
+
+    def forward(self, x):
+        h = self.bn(x)
+        r = torch.relu(h)
+        return h, r + self.f(h), torch.tanh(r)
+
+
+class BothWaysIntoADepthwiseConv(nn.Module):
+    """The γ's output and a conv of it, laid side by side, into a depthwise conv: the depthwise conv
+    is reached directly and through a conv, its two arrivals carry different channels, and only
+    together are they all of them, which a LayerNorm over the channels then divides out."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.mix = conv_bn(), nn.Conv2d(4, 4, 1, bias=False)
+        self.depthwise, self.norm = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.bn(x)
+        return self.norm(self.depthwise(torch.cat([h, self.mix(h)], 1)).permute(0, 2, 3, 1))
+
+
+def test_a_skip_reached_directly_is_the_stream_though_its_branch_is_reached_through_a_conv(roles):
+    report = gg.analyze(NormlessBranch(), X)
+    assert roles(report)["bn.1.weight"] == "stream"
+
+
+@pytest.mark.parametrize("model", [ReturnedAndTwoSkips, ReturnedAndSkipThroughAReLU])
+def test_a_returned_gamma_that_is_also_a_skip_is_the_stream(model, roles):
+    assert roles(gg.analyze(model(), X))["bn.1.weight"] == "stream"
+
+
+def test_what_reaches_an_op_directly_and_through_a_conv_is_taken_together(roles):
+    assert roles(gg.analyze(BothWaysIntoADepthwiseConv(), X))["bn.1.weight"] == "scale_invariant"
+
+
+def test_a_returned_norm_output_reaches_the_output_through_nothing():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4))
+    [entry] = gg.analyze(model, X).entries
+    assert entry.role == "head"
+    assert "reaches the model output with no normalization in between" in entry.reason
+
+
+class BranchThenActivationOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = conv_bn()
+
+    def forward(self, x):
+        b = self.block(x)
+        return x + b, torch.relu(b)
+
+
+def test_a_walk_stops_once_its_role_is_decided():
+    """The γ ends the branch of the only sum (residual_last), then reaches the output through a ReLU:
+    with no sum ahead nothing can outrank residual_last, so the walk that may stop ends at the sum,
+    while the full walk goes on to the output (a head event)."""
+    df = trace_model(BranchThenActivationOut(), X).flow
+    [u] = df.uses()["block.1.weight"]
+    assert [e.role for e in walk(df.flow, df.sums, u, reachable(df.flow, df.sums))] == ["residual_last"]
+    assert [e.role for e in df.events(u)] == ["residual_last", "head"]
+
+
 def test_a_walk_goes_on_past_a_weaker_role_while_a_stronger_one_is_ahead(roles):
     assert roles(gg.analyze(ShortcutThenStream(), X))["bn.1.weight"] == "stream"
     assert roles(gg.analyze(MergedThenHead(), X))["a.1.weight"] == "head"
@@ -188,6 +350,9 @@ EARLY_STOP_MODELS = {
     "mixed_and_normalized": (lambda: MixedAndNormalized(), X),
     "shortcut_then_stream": (lambda: ShortcutThenStream(), X),
     "merged_then_head": (lambda: MergedThenHead(), X),
+    "returned_and_two_skips": (lambda: ReturnedAndTwoSkips(), X),
+    "returned_and_skip_through_a_relu": (lambda: ReturnedAndSkipThroughAReLU(), X),
+    "normless_branch": (lambda: NormlessBranch(), X),
 }
 
 
