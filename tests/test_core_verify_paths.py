@@ -190,3 +190,28 @@ def test_an_error_other_than_one_value_per_channel_is_raised():
 
     with pytest.raises(ValueError, match="only in training"):
         gg.verify(Broken(), torch.randn(2, 4))
+
+
+class SandwichAttention(nn.Module):
+    """OLMo 2's attention in small: q/k norms, a rotation that negates half the features (as rotary
+    embeddings do), attention, then a norm of its output before the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D, bias=False)
+        self.q_norm, self.k_norm, self.post = nn.RMSNorm(D), nn.RMSNorm(D), nn.RMSNorm(D)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q = torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1)
+        return x + self.post(self.out(F.scaled_dot_product_attention(q, k, v)))
+
+
+def test_a_query_norm_before_attention_is_merged_and_verify_shows_it():
+    checks = {c.param_name: c for c in gg.verify(SandwichAttention(), torch.randn(2, L, D))}
+    for name in ("q_norm.weight", "k_norm.weight"):
+        c = checks[name]
+        assert (c.role, c.result) == ("merged", "pass"), c
+        assert float(c.detail.split(" by ")[1].split(" ")[0]) > 1e-2
+    assert (checks["post.weight"].role, checks["post.weight"].result) == ("residual_last", "pass")

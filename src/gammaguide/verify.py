@@ -5,7 +5,8 @@
   norms is positively homogeneous (ReLU, pooling, conv/linear without bias...); otherwise the
   check is "not_applicable".
 - ``merged``: doubling γ and β must change the output (its features are mixed with others before
-  a norm could divide the doubling out), on the same homogeneous paths (the mixing itself aside).
+  a norm could divide the doubling out), on the same homogeneous paths (the mixing itself aside:
+  sums with other features, sigmoid and softmax gates, attention).
 - ``residual_last``: zeroing γ and β must switch its own contribution to each residual sum off:
   the elements of the branch operand that carry this γ are exactly zero (the other branches of a
   sum of several are not its business). A bias (or another op that does not map zero to zero)
@@ -52,7 +53,7 @@ _HOMOGENEOUS = VIEW_OPS | frozenset({
     "adaptive_max_pool2d", "mean", "sum", "amax", "max", "cat", "stack", "native_dropout", "dropout",
     "constant_pad_nd", "upsample_nearest2d", "flip", "roll", "index_select", "pixel_shuffle", "index",
     "channel_shuffle", "native_channel_shuffle", "upsample_bilinear2d", "_upsample_bilinear2d_aa",
-    "upsample_nearest1d", "upsample_nearest3d", "_unsafe_index",
+    "upsample_nearest1d", "upsample_nearest3d", "_unsafe_index", "neg",
 })
 # Ops that may map zero to something else.
 _NOT_ZERO_PRESERVING = frozenset({
@@ -60,6 +61,7 @@ _NOT_ZERO_PRESERVING = frozenset({
     "hardsigmoid", "elu", "selu", "celu", "softplus", "rsub", "addmm", "baddbmm",
     "_addmm_activation", "clamp_min", "clamp", "hardtanh", "fill", "fill_",
 })
+_SDPA = ("scaled_dot_product", "_scaled_dot_product")
 _EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 _NO_EPS = 1e-30
 
@@ -264,8 +266,8 @@ class _Probe:
                 continue
             if mixing_allowed and name in SUM_OPS and self._act_inputs(n) == len(self.graph.ins[n]):
                 continue
-            if mixing_allowed and (name in SQUASHING or name in MUL_OPS):
-                continue  # a gate
+            if mixing_allowed and (name in SQUASHING or name in MUL_OPS or name.startswith(_SDPA)):
+                continue  # a gate (attention: the γ in its queries or keys sets the softmax's temperature)
             return f"{name} in {self.flow.name(n)}"
         return None
 
@@ -273,7 +275,7 @@ class _Probe:
         names, rep = self.flow.names, self.flow.rep
         for n in sorted(nodes):
             name = names[n]
-            if name.startswith(("scaled_dot_product", "_scaled_dot_product")):
+            if name.startswith(_SDPA):
                 value = rep[self.graph.ins[n][2]] if len(self.graph.ins[n]) > 2 else -1
                 if value in nodes or value == u:
                     continue  # zero values give a zero output, whatever the weights
