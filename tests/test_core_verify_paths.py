@@ -215,3 +215,27 @@ def test_a_query_norm_before_attention_is_merged_and_verify_shows_it():
         assert (c.role, c.result) == ("merged", "pass"), c
         assert float(c.detail.split(" by ")[1].split(" ")[0]) > 1e-2
     assert (checks["post.weight"].role, checks["post.weight"].result) == ("residual_last", "pass")
+
+
+def test_one_value_per_channel_leaves_a_scalar_input_as_it_is():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, D), nn.BatchNorm1d(D)
+
+        def forward(self, x, temperature):
+            return self.bn(self.fc(x) / temperature)
+
+    checks = gg.verify(Scaled(), (torch.randn(1, 4), torch.tensor(2.0)))
+    assert [c.result for c in checks] == ["not_applicable"]
+    assert checks[0].detail.endswith("e.g. args[0]: float32[2, 4], args[1]: float32[]")
+
+
+def test_the_relative_error_is_the_norm_of_all_differences_over_the_norm_of_all_references():
+    """What a check's detail reports: sqrt(sum |o - r|^2) / sqrt(sum |r|^2) over every next norm's
+    output, small numbers included (no floor at 1); integer outputs are no norm's, and left out."""
+    from gammaguide.verify import _relative_error
+
+    refs = [torch.tensor([0.03, 0.04]), torch.tensor([0.0, 0.005]), torch.tensor([1, 2])]
+    outs = [torch.tensor([0.03, 0.043]), torch.tensor([0.004, 0.005]), torch.tensor([7, 9])]
+    assert _relative_error(outs, refs) == pytest.approx(0.005 / (0.0025 + 0.000025) ** 0.5, rel=1e-5)
