@@ -239,3 +239,43 @@ def test_the_relative_error_is_the_norm_of_all_differences_over_the_norm_of_all_
     refs = [torch.tensor([0.03, 0.04]), torch.tensor([0.0, 0.005]), torch.tensor([1, 2])]
     outs = [torch.tensor([0.03, 0.043]), torch.tensor([0.004, 0.005]), torch.tensor([7, 9])]
     assert _relative_error(outs, refs) == pytest.approx(0.005 / (0.0025 + 0.000025) ** 0.5, rel=1e-5)
+
+
+class KeywordResidual(nn.Module):
+    """Takes its input by keyword only: every pass verify makes calls the copy the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(D, D, bias=False), nn.BatchNorm1d(D)
+        self.fc2, self.bn2 = nn.Linear(D, D, bias=False), nn.BatchNorm1d(D)
+
+    def forward(self, *, features):
+        return features + self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(features)))))
+
+
+def test_verify_calls_a_keyword_only_model_by_keyword():
+    checks = {c.param_name: c for c in gg.verify(KeywordResidual(), {"features": torch.randn(N, D)})}
+    assert (checks["bn1.weight"].role, checks["bn1.weight"].result) == ("scale_invariant", "pass")
+    assert (checks["bn2.weight"].role, checks["bn2.weight"].result) == ("residual_last", "pass")
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm module called twice: the γ of ``b`` is divided out by its second call, whose
+    output verify must tell from the first's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Sequential(nn.Linear(D, D, bias=False), nn.BatchNorm1d(D)), nn.Sequential(
+            nn.Linear(D, D, bias=False), nn.BatchNorm1d(D))
+        self.fa, self.fb, self.shared = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False), nn.BatchNorm1d(D)
+
+    def forward(self, x):
+        first = self.shared(self.fa(torch.relu(self.a(x))))
+        second = self.shared(self.fb(torch.relu(self.b(x))))
+        return torch.cat([first, second], 1)
+
+
+def test_verify_finds_the_second_call_of_a_shared_norm():
+    checks = {c.param_name: c for c in gg.verify(SharedNorm(), torch.randn(N, D))}
+    for name in ("a.1.weight", "b.1.weight"):
+        assert (checks[name].role, checks[name].result) == ("scale_invariant", "pass"), checks[name]
