@@ -63,7 +63,7 @@ _SPATIAL = {
     **{f"_upsample_{m}{k}d_aa": k for k in (1, 2, 3) for m in ("bilinear", "bicubic")},
     "grid_sampler_2d": 2, "im2col": 2, "col2im": 2,
 }
-_SDPA_PREFIXES = ("scaled_dot_product", "_scaled_dot_product")
+SDPA_PREFIXES = ("scaled_dot_product", "_scaled_dot_product")
 _pointwise_cache: dict[int, bool] = {}
 
 
@@ -123,7 +123,7 @@ def transfer(flow: "Flow", n: int, arrivals: dict[int, Reach]) -> Reach:
         return r
     if name in ("mm", "bmm", "addmm", "baddbmm", "addbmm", "_addmm_activation"):
         return _matmul(flow, n, name, arrivals)
-    if name.startswith(_SDPA_PREFIXES):
+    if name.startswith(SDPA_PREFIXES):
         return _attention(flow, n, arrivals)
     if name in ("copy_", "copy"):
         return arrivals.get(1, NOTHING)  # the result holds the source's values

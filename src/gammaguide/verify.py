@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .analysis import analyze
-from .channels import ALL, SQUASHING, Part
+from .channels import ALL, SDPA_PREFIXES, SQUASHING, Part
 from .errors import GammaGuideError
 from .inputs import default_input_size, describe_inputs, prepare_inputs, unwrap
 from .norms import find_norms
@@ -61,7 +61,6 @@ _NOT_ZERO_PRESERVING = frozenset({
     "hardsigmoid", "elu", "selu", "celu", "softplus", "rsub", "addmm", "baddbmm",
     "_addmm_activation", "clamp_min", "clamp", "hardtanh", "fill", "fill_",
 })
-_SDPA = ("scaled_dot_product", "_scaled_dot_product")
 _EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 _NO_EPS = 1e-30
 
@@ -266,7 +265,7 @@ class _Probe:
                 continue
             if mixing_allowed and name in SUM_OPS and self._act_inputs(n) == len(self.graph.ins[n]):
                 continue
-            if mixing_allowed and (name in SQUASHING or name in MUL_OPS or name.startswith(_SDPA)):
+            if mixing_allowed and (name in SQUASHING or name in MUL_OPS or name.startswith(SDPA_PREFIXES)):
                 continue  # a gate (attention: the γ in its queries or keys sets the softmax's temperature)
             return f"{name} in {self.flow.name(n)}"
         return None
@@ -275,7 +274,7 @@ class _Probe:
         names, rep = self.flow.names, self.flow.rep
         for n in sorted(nodes):
             name = names[n]
-            if name.startswith(_SDPA):
+            if name.startswith(SDPA_PREFIXES):
                 value = rep[self.graph.ins[n][2]] if len(self.graph.ins[n]) > 2 else -1
                 if value in nodes or value == u:
                     continue  # zero values give a zero output, whatever the weights
