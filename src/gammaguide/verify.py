@@ -267,16 +267,25 @@ class _Probe:
                 continue
             if mixing_allowed and (name in SQUASHING or name in MUL_OPS or name.startswith(SDPA_PREFIXES)):
                 continue  # a gate (attention: the γ in its queries or keys sets the softmax's temperature)
+            if name.startswith(SDPA_PREFIXES) and self._values_only(n, nodes, u):
+                continue  # attention is linear in its values
             return f"{name} in {self.flow.name(n)}"
         return None
 
+    def _on_path(self, k: int, nodes: set[int], u: int) -> bool:
+        return self.flow.rep[k] in nodes or self.flow.rep[k] == u
+
+    def _values_only(self, n: int, nodes: set[int], u: int) -> bool:
+        """Attention node ``n`` gets the γ in its values and not in its queries or keys."""
+        ins = self.graph.ins[n]
+        return len(ins) > 2 and self._on_path(ins[2], nodes, u) and not any(self._on_path(k, nodes, u) for k in ins[:2])
+
     def zero_preserving(self, nodes: set[int], u: int) -> str | None:
-        names, rep = self.flow.names, self.flow.rep
+        names = self.flow.names
         for n in sorted(nodes):
             name = names[n]
             if name.startswith(SDPA_PREFIXES):
-                value = rep[self.graph.ins[n][2]] if len(self.graph.ins[n]) > 2 else -1
-                if value in nodes or value == u:
+                if len(self.graph.ins[n]) > 2 and self._on_path(self.graph.ins[n][2], nodes, u):
                     continue  # zero values give a zero output, whatever the weights
                 return f"{name} (zero queries or keys attend uniformly) in {self.flow.name(n)}"
             others = len(self.graph.ins[n]) - self._act_inputs(n)
@@ -501,6 +510,10 @@ def _check_zero(probe: _Probe, e, uses, inside, events, params, module) -> Check
                    None)
     sums = [(probe.sums.member(ev.node), ev) for ev in ends]
     wanted = {s.operands[ev.operand].node for s, ev in sums}
+    if any(probe.zero_preserving(inside[u], u) for u in uses):
+        # The hook would zero the module's output after the activation fused into it (timm's
+        # BatchNormAct2d), which may map zero elsewhere: zero γ and β themselves.
+        module = None
     kept = _changed(probe, params, module, 0.0, arguments=wanted)[0]
     seen = [_operand_max(probe, kept, s, ev.operand, ev.reach[0]) for s, ev in sums]
     if any(math.isnan(x) for x in seen):
