@@ -362,13 +362,19 @@ def test_a_cell_counts_the_failed_runs_of_its_own_two_arms():
     assert cells["the guidelines beat decaying no γ"].holm is not None
     assert "; Holm: " in text["the guidelines beat decaying no γ"]
     legend = C.settings_legend([exp])
-    assert ": 5 arms, seeds 0, 1, 2, 3, 10 finished runs, 7 failed; metric `test_acc`; decay time D = 1.25; from ?" \
+    assert ": 5 arms, seeds 0-3; 10 finished runs, 7 failed; metric `test_acc`; decay time D = 1.25; from ?" \
         in legend
+
+
+@pytest.mark.parametrize(("seeds", "text"), [([0, 1, 16], "0, 1, 16"), ([0, 1, 2, 3, 4, 5, 6, 7], "0-7"),
+                                             ([0, 1, 2, 5, 8, 9, 10, 11], "0-2, 5, 8-11"), ([3], "3"), ([], "none")])
+def test_a_legend_writes_consecutive_seeds_as_a_range(seeds, text):
+    assert C._seed_list(seeds) == text
 
 
 def test_a_legend_without_finished_runs_says_none():
     (exp,) = summarize(grid({"no_gamma": [None], "guidelines": [None]}))
-    assert C.settings_legend([exp]).endswith(": 2 arms, seeds none, 0 finished runs, 2 failed; metric `test_acc`; "
+    assert C.settings_legend([exp]).endswith(": 2 arms, seeds none; 0 finished runs, 2 failed; metric `test_acc`; "
                                              "from ?")
 
 

@@ -208,6 +208,19 @@ def claims_table(experiments: list[Experiment]) -> str:
     return "\n".join(rows)
 
 
+def _seed_list(seeds: list[int]) -> str:
+    """``0-7``, ``0, 1, 16``: runs of three or more consecutive seeds as a range."""
+    if not seeds:
+        return "none"
+    parts, start = [], 0
+    for k in range(1, len(seeds) + 1):
+        if k == len(seeds) or seeds[k] != seeds[k - 1] + 1:
+            run = seeds[start:k]
+            parts += [f"{run[0]}-{run[-1]}"] if len(run) >= 3 else [str(x) for x in run]
+            start = k
+    return ", ".join(parts)
+
+
 def settings_legend(experiments: list[Experiment]) -> str:
     lines = []
     for i, e in enumerate(experiments, 1):
@@ -215,7 +228,7 @@ def settings_legend(experiments: list[Experiment]) -> str:
         failed = sum(a.failed for a in e.arms)
         src = ", ".join(f"`{s}`" for s in e.sources) or "?"
         d = decay_time(e)
-        lines.append(f"- ({i}) {e.label}: {len(e.arms)} arms, seeds {', '.join(map(str, seeds)) or 'none'}, "
+        lines.append(f"- ({i}) {e.label}: {len(e.arms)} arms, seeds {_seed_list(seeds)}; "
                      f"{sum(a.n for a in e.arms)} finished runs" + (f", {failed} failed" if failed else "") +
                      f"; metric `{e.metric.key}`" + (f"; decay time D = {d:.2f}" if d is not None else "") +
                      f"; from {src}")
