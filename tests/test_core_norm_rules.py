@@ -356,6 +356,36 @@ def test_a_norm_of_a_weight_is_none_and_a_functional_norm_may_have_no_beta():
     assert messages == []
 
 
+class FunctionalBetaOnly(nn.Module):
+    """A functional norm given a β and no γ (``weight=None``): the β is not its γ."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.conv, self.head = how, nn.Conv2d(2, 2, 1), nn.Conv2d(2, 3, 1)
+        self.b = nn.Parameter(torch.zeros(2))
+        self.register_buffer("mean", torch.zeros(2))
+        self.register_buffer("var", torch.ones(2))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.how == "layer_norm":
+            h = F.layer_norm(h.permute(0, 2, 3, 1), (2,), None, self.b).permute(0, 3, 1, 2)
+        elif self.how == "group_norm":
+            h = F.group_norm(h, 1, None, self.b)
+        elif self.how == "batch_norm":
+            h = F.batch_norm(h, self.mean, self.var, None, self.b, training=True)
+        else:
+            h = F.instance_norm(h, None, None, None, self.b)
+        return self.head(x + h)
+
+
+@pytest.mark.parametrize("how", ["layer_norm", "group_norm", "batch_norm", "instance_norm"])
+def test_a_functional_norm_with_a_beta_and_no_gamma_has_no_gamma(how):
+    report = quiet(FunctionalBetaOnly(how), IMG)
+    assert report.entries == ()
+    assert kinds(report)["b"] == "beta"
+
+
 class GammalessGroupNormThenScale(nn.Module):
     def __init__(self):
         super().__init__()

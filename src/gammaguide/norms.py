@@ -46,7 +46,7 @@ from torch.jit import ScriptModule
 
 from .ops import ADD_OPS, MATMUL_OPS, MUL_OPS, NORM_OPS, SCALE_OPS, SHAPE_ONLY_OPS, STAT_OPS, VIEW_OPS
 from .modtree import ModuleTree
-from .trace import BUFFER, CONST, INPUT, LEAF_KINDS, PARAM, Graph
+from .trace import BUFFER, CONST, INPUT, LEAF_KINDS, PARAM, Arg, Graph
 
 _TORCH_NORM_TYPES: tuple[type, ...] = tuple(
     t for t in (
@@ -127,6 +127,25 @@ def _root_params(graph: Graph) -> list[str | None]:
         elif name in VIEW_OPS and graph.ins[i]:
             root[i] = root[graph.ins[i][0]]
     return root
+
+
+# Where a native norm op takes its γ and β (None: it has no β).
+_AFFINE_AT = {"layer_norm": (2, 3), "native_layer_norm": (2, 3), "group_norm": (2, 3), "rms_norm": (2, None),
+              "_fused_rms_norm": (2, None)}  # every other norm op: (input, weight, bias, ...)
+
+
+def _affine_params(graph: Graph, root: list, i: int, name: str) -> tuple[str | None, str | None]:
+    """The γ and β of the native norm op at node ``i``, by argument position: ``F.layer_norm(x, s,
+    None, b)`` has a β and no γ."""
+    record = graph.args.get(i)
+    ins = graph.ins[i]
+    tensors = [p for p, a in enumerate(record[0]) if isinstance(a, Arg)] if record is not None else []
+    if len(tensors) != len(ins):  # a tensor passed by keyword: positions unknown, parameters in order
+        found = [root[k] for k in ins if root[k] is not None] + [None, None]
+        return found[0], found[1]
+    at = {p: root[k] for p, k in zip(tensors, ins, strict=True)}
+    gamma, beta = _AFFINE_AT.get(name, (1, 2))
+    return at.get(gamma), at.get(beta) if beta is not None else None
 
 
 def activations(graph: Graph) -> list[bool]:
@@ -488,8 +507,7 @@ def find_norms(graph: Graph, model: nn.Module, tree: ModuleTree | None = None, t
             continue
         if not graph.ins[i] or not act[graph.ins[i][0]]:
             continue  # normalizes a parameter (weight standardization), not an activation
-        params = [root[k] for k in graph.ins[i] if root[k] is not None] + [None, None]
-        functional[i] = (params[0], params[1])
+        functional[i] = _affine_params(graph, root, i, op_name)
 
     # Normalizations whose γ lies outside them: a scale right after a γ-less norm, or written inline.
     labels: dict[int, str] = {}  # their γ product's node -> the norm type to report

@@ -118,6 +118,9 @@ class Arg(NamedTuple):
     values: tuple[int, ...] | None = None
 
 
+TENSOR = Arg(())  # a tensor argument of a lightly recorded op, whose shape no reader needs
+
+
 def _arg(a: Any) -> Any:
     if IS_TENSOR[type(a)]:
         if a.is_floating_point() or a.is_meta or a.is_complex() or a.numel() > _INDEX_VALUES_LIMIT:
@@ -142,9 +145,10 @@ def _record(args: tuple, kwargs: dict | None, out: Any) -> tuple:
 
 def _record_light(args: tuple, kwargs: dict | None, out: Any) -> tuple:
     """For convolutions and fused norms, which run often: the shapes of their input and weight
-    and their plain arguments (groups, normalized shape) are all channels.py reads."""
+    and their plain arguments (groups, normalized shape) are all channels.py reads; a later tensor
+    is kept as ``TENSOR``, so that a norm's γ and β are told by position (its weight may be None)."""
     head = [Arg(a.shape) if IS_TENSOR[type(a)] else a for a in args[:2]]
-    spec = (*head, *[None if IS_TENSOR[type(a)] else a for a in args[2:]])
+    spec = (*head, *[TENSOR if IS_TENSOR[type(a)] else a for a in args[2:]])
     return spec, (tuple(out.shape) if IS_TENSOR[type(out)] else None), None
 
 
