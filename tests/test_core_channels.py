@@ -306,7 +306,7 @@ def test_mask_moves_are_memoized_by_value_and_take_lists():
     assert masks.take(m, 3, 1, (0, 2)) == kept == masks.take(masks.Part(m.dims, m.sizes, m.bits), 3, 1, [0, 2])
     assert masks._take.cache_info().hits == hits + 2
     assert kept == masks.part((-2, -1), (2, 3), 0b010_111)
-    swapped = masks.permute(m, 3, [0, 2, 1])
-    assert masks.permute(m, 3, (0, 2, 1)) == swapped
+    swapped = masks.permute(m, [5, 4, 3], [0, 2, 1])
+    assert masks.permute(m, (5, 4, 3), (0, 2, 1)) == swapped
     assert masks.reshape(swapped, [5, 3, 4], [5, 12]) == masks.reshape(swapped, (5, 3, 4), (5, 12))
-    assert masks.take(None, 3, 1, [0]) is None and masks.permute(masks.ALL, 3, [0, 2, 1]) is masks.ALL
+    assert masks.take(None, 3, 1, [0]) is None and masks.permute(masks.ALL, (5, 4, 3), [0, 2, 1]) is masks.ALL

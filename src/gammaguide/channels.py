@@ -22,7 +22,7 @@ import torch
 
 from .masks import (
     ALL, NOTHING, START, Part, Reach, drop_reduced, inter, minus, mixed_wins, ones, part, permute, place, reach_union,
-    reshape, spread, take, touches, union,
+    reshape, spread, take, touches, union, unsqueeze,
 )
 from .ops import CONV_OPS, NORM_OPS, PIECE, SPLIT_OPS, VIEW_OPS
 from .trace import BUFFER, PARAM, Arg
@@ -241,12 +241,11 @@ def _transpose(flow, n, args, shape, arrivals):
     else:
         a, b = args[1] % rank, args[2] % rank
         perm[a], perm[b] = perm[b], perm[a]
-    return _per_mask(arrivals[0], lambda m: permute(m, rank, perm))
+    return _per_mask(arrivals[0], lambda m: permute(m, args[0].shape, perm))
 
 
 def _permute(flow, n, args, shape, arrivals):
-    rank = len(args[0].shape)
-    return _per_mask(arrivals[0], lambda m: permute(m, rank, list(args[1])))
+    return _per_mask(arrivals[0], lambda m: permute(m, args[0].shape, list(args[1])))
 
 
 def _slice(flow, n, args, shape, arrivals):
@@ -316,25 +315,21 @@ def _cat(flow, n, args, shape, arrivals):
             places.append((offset, size))
             offset += size
         flow.memo[("cat", n)] = places
-    total = shape[dim % rank]
     s = m = None
     for pos, (ps, pm) in arrivals.items():
         offset, size = places[pos]
-        s = union(s, place(ps, rank, dim, offset, size, total))
-        m = union(m, place(pm, rank, dim, offset, size, total))
+        s = union(s, place(ps, shape, dim, offset, size))
+        m = union(m, place(pm, shape, dim, offset, size))
     return mixed_wins(s, m)
 
 
 def _stack(flow, n, args, shape, arrivals):
     rank = len(shape)
     dim = _arg(args, 1, 0) % rank
-    total = shape[dim]
     s = m = None
-    for pos, (ps, pm) in arrivals.items():
-        if ps is not None:
-            s = union(s, part((dim - rank,), (total,), 1 << pos))
-        if pm is not None:
-            m = union(m, part((dim - rank,), (total,), 1 << pos))
+    for pos, (ps, pm) in arrivals.items():  # a concatenation of the inputs, each unsqueezed at ``dim``
+        s = union(s, place(unsqueeze(ps, rank, dim), shape, dim, pos, 1))
+        m = union(m, place(unsqueeze(pm, rank, dim), shape, dim, pos, 1))
     return mixed_wins(s, m)
 
 
@@ -389,7 +384,7 @@ def _channel_shuffle(flow, n, args, shape, arrivals):
     perm = [0, 2, 1] + list(range(3, rank))
 
     def shuffle(m):
-        return reshape(permute(reshape(m, src, split), rank, perm), tuple(split[i] for i in perm), src)
+        return reshape(permute(reshape(m, src, split), split, perm), tuple(split[i] for i in perm), src)
 
     return _per_mask(arrivals[0], shuffle)
 

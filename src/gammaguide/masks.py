@@ -206,18 +206,33 @@ def _reshape(mask: Part, src: tuple[int, ...], dst: tuple[int, ...]):
     return part(tuple(j - rd for j in range(j0, j1)), tuple(dst[j0:j1]), bits)
 
 
-def permute(mask, rank: int, perm: list[int]):
-    """Output dimension ``k`` is input dimension ``perm[k]``."""
-    return _permute(mask, rank, tuple(perm)) if isinstance(mask, Part) else mask
+def permute(mask, shape: tuple[int, ...], perm: list[int]):
+    """Output dimension ``k`` is input dimension ``perm[k]`` (of an input of ``shape``)."""
+    return _permute(mask, tuple(shape), tuple(perm)) if isinstance(mask, Part) else mask
+
+
+_WIDEST = 1 << 18  # bits a part widened for a permutation may have; beyond, it is coarsened to ALL
 
 
 @lru_cache(maxsize=_MEMO)
-def _permute(mask: Part, rank: int, perm: tuple[int, ...]):
+def _permute(mask: Part, shape: tuple[int, ...], perm: tuple[int, ...]):
+    rank = len(shape)
     perm = [p % rank for p in perm]
-    pos = [perm.index(rank + d) for d in mask.dims]
-    lo = min(pos)
-    if sorted(pos) != list(range(lo, lo + len(pos))):
-        return ALL  # the dimensions part ways: coarser
+    while True:
+        pos = [perm.index(rank + d) for d in mask.dims]
+        lo, hi = min(pos), max(pos)
+        if hi - lo + 1 == len(pos):
+            break
+        # The dimensions part ways. The part is the same along every other dimension, so it is also
+        # a part over the dimensions that land between them (and those between those in the input).
+        wanted = [perm[k] - rank for k in range(lo, hi + 1)]
+        first, last = min(wanted), max(wanted)
+        sizes = tuple(shape[rank + d] for d in range(first, last + 1))
+        if math.prod(sizes) > _WIDEST:
+            return ALL  # coarser
+        a, b = mask.dims[0] - first, mask.dims[-1] - first + 1
+        bits = spread(mask.bits, math.prod(mask.sizes), math.prod(sizes[:a]), math.prod(sizes[b:]))
+        mask = Part(tuple(range(first, last + 1)), sizes, bits)
     order = sorted(range(len(pos)), key=lambda t: pos[t])
     sizes = tuple(mask.sizes[t] for t in order)
     bits = mask.bits
@@ -283,12 +298,42 @@ def drop_reduced(mask, rank: int, dims: set[int], keepdim: bool):
     return Part(tuple(x + shift for x in mask.dims), mask.sizes, mask.bits)
 
 
-def place(mask, rank: int, dim: int, offset: int, size: int, total: int):
-    """An input's mask in the output of a concatenation along ``dim``, where it takes the indices
-    ``offset .. offset + size``. A part that varies along other dimensions is taken whole there."""
+def place(mask, shape: tuple[int, ...], dim: int, offset: int, size: int):
+    """An input's mask in the output (of ``shape``) of a concatenation along ``dim``, where the input
+    takes the indices ``offset .. offset + size``."""
     if mask is None:
         return None
+    rank = len(shape)
     d = dim % rank - rank
-    if isinstance(mask, Part) and mask.dims == (d,):
-        return part((d,), (total,), mask.bits << offset)
-    return part((d,), (total,), ones(size) << offset)
+    if not isinstance(mask, Part) or mask.dims == (d,):
+        return part((d,), (shape[d],), (mask.bits if isinstance(mask, Part) else ones(size)) << offset)
+    return _place(mask, tuple(shape), d, offset, size)
+
+
+@lru_cache(maxsize=_MEMO)
+def _place(mask: Part, shape: tuple[int, ...], d: int, offset: int, size: int):
+    # A part that varies along other dimensions keeps them: the run of dimensions from the part's
+    # to ``d`` (a channel mask of a piece concatenated along the width is not the whole piece).
+    rank = len(shape)
+    dims = tuple(range(min(mask.dims[0], d), max(mask.dims[-1], d) + 1))
+    sizes = tuple(shape[rank + x] for x in dims)
+    t = dims.index(d)
+    own = sizes[:t] + (size,) + sizes[t + 1:]  # the input's sizes over those dimensions
+    a, b = dims.index(mask.dims[0]), dims.index(mask.dims[-1]) + 1
+    text = _text(spread(mask.bits, math.prod(mask.sizes), math.prod(own[:a]), math.prod(own[b:])), math.prod(own))
+    inner = math.prod(sizes[t + 1:])
+    before, after = "0" * (offset * inner), "0" * ((sizes[t] - offset - size) * inner)
+    chunk = size * inner
+    placed = "".join(before + text[o * chunk:(o + 1) * chunk] + after for o in range(math.prod(sizes[:t])))
+    return part(dims, sizes, _bits(placed))
+
+
+def unsqueeze(mask, rank: int, dim: int):
+    """The mask after a dimension of size 1 is inserted at ``dim`` of the result (of ``rank``)."""
+    new = dim % rank - rank
+    if not isinstance(mask, Part) or new < mask.dims[0]:
+        return mask  # inserted left of the part's dimensions, which keep their places from the right
+    left = sum(1 for x in mask.dims if x <= new)  # the dimensions left of the new one move one place left
+    dims = tuple(x - 1 for x in mask.dims[:left]) + ((new,) if left < len(mask.dims) else ()) + mask.dims[left:]
+    sizes = mask.sizes[:left] + ((1,) if left < len(mask.dims) else ()) + mask.sizes[left:]
+    return Part(dims, sizes, mask.bits)  # a dimension of size 1 inside the part leaves its row-major order

@@ -204,7 +204,7 @@ def _find_stacked(flow: Flow, i: int):
             mask = part((d - out_rank,), (total,), 1 << pos)
         else:
             size = piece.shape[d] if len(piece.shape) == out_rank else 0
-            mask = place(ALL, out_rank, d, offset, size, total)
+            mask = place(ALL, out_shape, d, offset, size)
             offset += size
         for n in reversed(chain):  # where the piece's elements end up in the reduction's input
             mask, mixed = transfer(flow, n, {0: (mask, None)})
