@@ -401,6 +401,36 @@ def test_a_scale_after_a_functional_norm_without_affine():
         ("g", "functional group_norm without affine, then a scale")]
 
 
+class ScaleAndShiftInOneOp(nn.Module):
+    """γ and β applied in one ``addcmul(β, x̂, γ)`` (``β + x̂ * γ``), after a γ-less norm or a norm
+    written out; ``"γ first"``: ``addcmul(β, γ, x̂)``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.conv, self.head = how, nn.Conv2d(2, 2, 1), nn.Conv2d(2, 3, 1)
+        self.g, self.b = nn.Parameter(torch.ones(2, 1, 1)), nn.Parameter(torch.zeros(2, 1, 1))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.how == "written out":
+            h = h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + 1e-6)
+        else:
+            h = F.group_norm(h, 1)
+        h = torch.addcmul(self.b, self.g, h) if self.how == "γ first" else torch.addcmul(self.b, h, self.g)
+        return self.head(x + h)
+
+
+@pytest.mark.parametrize(("how", "norm_type"), [
+    ("γ second", "functional group_norm without affine, then a scale"),
+    ("γ first", "functional group_norm without affine, then a scale"),
+    ("written out", "inline normalization"),
+])
+def test_a_scale_and_shift_in_one_addcmul_is_the_norms_gamma_and_beta(how, norm_type):
+    report = quiet(ScaleAndShiftInOneOp(how), IMG)
+    assert [(e.param_name, e.norm_type, e.role) for e in report.entries] == [("g", norm_type, "residual_last")]
+    assert (kinds(report)["g"], kinds(report)["b"]) == ("gamma", "beta")
+
+
 def test_op_labels_read_as_users_write_them():
     assert {n: op_label(n) for n in ("native_layer_norm", "_fused_rms_norm", "group_norm")} == {
         "native_layer_norm": "layer_norm", "_fused_rms_norm": "fused_rms_norm", "group_norm": "group_norm"}

@@ -291,10 +291,29 @@ def _vector_params(tree: ModuleTree) -> dict[str, int]:
     return {n: p.numel() for n, p in tree.named_parameters_all if sum(d > 1 for d in p.shape) < 2}
 
 
-def _one_vector(graph: Graph, root: list[str | None], node: int, vectors: dict[str, int]) -> str | None:
-    """The one channel-vector parameter among the operands of ``node``, if there is exactly one."""
-    found = [root[k] for k in graph.ins[node] if root[k] in vectors]
+def _factors(graph: Graph, names: list[str], node: int) -> tuple[list[int], int | None]:
+    """The factors of product ``node`` and what it adds to them: ``addcmul(b, x, g)`` is ``b + x * g``."""
+    ins = graph.ins[node]
+    if names[node] in ("addcmul", "addcmul_") and len(ins) == 3:
+        return list(ins[1:]), ins[0]
+    return list(ins), None
+
+
+def _one_vector(root: list[str | None], factors: list[int], vectors: dict[str, int]) -> str | None:
+    """The one channel-vector parameter among ``factors``, if there is exactly one."""
+    found = [root[k] for k in factors if root[k] in vectors]
     return found[0] if len(found) == 1 else None
+
+
+def _scale_product(graph: Graph, names: list[str], root: list[str | None], node: int,
+                   vectors: dict[str, int]) -> tuple[str, str | None] | None:
+    """(γ, β) of a product by one channel vector, β when it adds a vector itself (``addcmul``)."""
+    factors, added = _factors(graph, names, node)
+    gamma = _one_vector(root, factors, vectors)
+    if gamma is None:
+        return None
+    beta = root[added] if added is not None and root[added] in vectors and root[added] != gamma else None
+    return gamma, beta
 
 
 def _add_betas(graph: Graph, names: list[str], root: list[str | None], gammas: dict[int, tuple[str, str | None]],
@@ -333,9 +352,9 @@ def _inline_norms(graph: Graph, root: list[str | None], act: list[bool], stat: l
             # x * rsqrt(v), (x - m) / std
             normalized[i] = _through_views(graph, names, acts[0] if not stat[acts[0]] else acts[1])
         elif name in MUL_OPS and len(acts) == 1 and _through_views(graph, names, acts[0]) in normalized:
-            gamma = _one_vector(graph, root, i, vectors)
-            if gamma is not None:
-                found[i] = (gamma, None)
+            pair = _scale_product(graph, names, root, i, vectors)
+            if pair is not None:
+                found[i] = pair
                 raw[i] = normalized[_through_views(graph, names, acts[0])]
     for i in _adding_back(graph, names, raw):
         identity_params.add(found.pop(i)[0])
@@ -372,16 +391,17 @@ def _scales_after_affine_free(graph: Graph, root: list[str | None], outputs: dic
     is that normalization's γ. A scalar is not (SkipInit, ReZero: a gate of the whole branch).
     ``outputs``: the output node of each γ-less normalization -> its type.
     Returns the γ product's node -> (γ, β, the normalization's type)."""
-    names, ins = graph.op_names(), graph.ins
+    names = graph.op_names()
     found: dict[int, tuple[str, str | None]] = {}
     source: dict[int, str] = {}
     for i, name in enumerate(names):
         if name not in MUL_OPS or i in norm_nodes:
             continue
-        norms = [outputs[n] for n in (_through_views(graph, names, k) for k in ins[i]) if n in outputs]
-        gamma = _one_vector(graph, root, i, vectors) if norms else None
-        if gamma is not None and vectors[gamma] > 1:
-            found[i] = (gamma, None)
+        norms = [outputs[n] for n in (_through_views(graph, names, k) for k in _factors(graph, names, i)[0])
+                 if n in outputs]
+        pair = _scale_product(graph, names, root, i, vectors) if norms else None
+        if pair is not None and vectors[pair[0]] > 1:
+            found[i] = pair
             source[i] = norms[0]
     _add_betas(graph, names, root, found, vectors)
     return {i: (g, b, source[i]) for i, (g, b) in found.items()}
