@@ -279,12 +279,15 @@ def _resolve(flow: Flow, root: int, members: tuple[int, ...], operands: tuple[Op
              streams: set[int], inside: bool) -> Sum | str:
     """The residual sum, or why the chain is no residual sum: "no fork", "conditioning", "tie", "heads"
     or "inside a branch"."""
-    fork = _fork(flow, operands)
+    fork, embedding = _fork(flow, operands), None
     if fork is None:
-        return "no fork"
+        found = _without_an_embedding(flow, operands)
+        if found is None:
+            return "no fork"
+        fork, embedding = found
     counts = _from_stream(flow, operands, fork, streams)
     operands = tuple(Operand(o.node, o.pos, o.sources, c, o.extra) for o, c in zip(operands, counts, strict=True))
-    conditioning = _conditioning(flow, operands, fork, streams)
+    conditioning = _conditioning(flow, operands, fork, streams) | ({embedding} if embedding is not None else set())
     if len(operands) - len(conditioning) < 2:
         return "conditioning"
     # A conditioning operand never carries the stream: it is no candidate for the skip.
@@ -325,6 +328,30 @@ def _conditioning(flow: Flow, operands: tuple[Operand, ...], fork: int, streams:
                     found.add(c)
                     break
     return found
+
+
+def _without_an_embedding(flow: Flow, operands: tuple[Operand, ...]) -> tuple[int, int] | None:
+    """For a sum of three or more operands with no common ancestor, in a model with several inputs
+    (the first block of a U-Net that adds a time embedding in its residual sum itself): the fork of
+    the others and the operand that is an embedding of another input, computed without an input
+    another operand uses. Of several such operands, the one whose removal leaves an identity skip
+    (the fork is an operand), then the nearest fork. None when there is none."""
+    inputs = _inputs(flow)
+    if inputs is None or len(operands) < 3:
+        return None
+    sets = [_union(inputs, o.sources) for o in operands]
+    best, key = None, None
+    for c in range(len(operands)):
+        if not any(sets[b] & ~sets[c] for b in range(len(operands)) if b != c):
+            continue  # computed from every input the others are: not an embedding of another one
+        rest = operands[:c] + operands[c + 1:]
+        fork = _fork(flow, rest)
+        if fork is None:
+            continue
+        rank = (any(fork in o.sources for o in rest), fork)
+        if key is None or rank > key:
+            best, key = (fork, c), rank
+    return best
 
 
 def _inputs(flow: Flow) -> list[int] | None:
