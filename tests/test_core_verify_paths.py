@@ -35,8 +35,11 @@ class AddProduct(nn.Module):
         self.register_buffer("adjacency3", torch.rand(2, N, N, generator=generator) + 0.1)
         self.register_buffer("divisor", torch.rand(N, D, generator=generator) + 0.5)
 
+    def branch(self, x):
+        return self.norm(self.fc(x))
+
     def forward(self, x):
-        branch = self.norm(self.fc(x))
+        branch = self.branch(x)
         other = self.other(x)
         if self.how == "addcmul, the branch first":
             return torch.addcmul(x, branch, other)
@@ -66,6 +69,45 @@ def test_zeroing_the_gamma_zeroes_the_product_that_enters_the_sum(how):
     c = check_of(AddProduct(how), torch.randn(N, D), "norm.weight")
     assert (c.role, c.result) == ("residual_last", "pass"), c
     assert c.detail == "zeroing γ and β zeroed its branch of 1 residual sum(s)"
+
+
+class CoshProduct(AddProduct):
+    """The same sums with ``3 cosh`` of the norm's output as the branch factor: zeroing γ and β leaves
+    that factor at 3, and the check fails with the largest value of the product that enters the sum."""
+
+    def branch(self, x):
+        return torch.cosh(self.norm(self.fc(x))) * 3.0
+
+    def forward(self, x):
+        if self.how == "addcmul_, in place":
+            return x.clone().addcmul_(self.other(x), self.branch(x))
+        if self.how == "addcdiv_, in place":
+            return x.clone().addcdiv_(self.branch(x), self.divisor)
+        if self.how == "addmv":
+            return torch.addmv(x[:, 0], self.branch(x), self.divisor[0])
+        return super().forward(x)
+
+
+def _operand_with_ones(model: CoshProduct, x) -> torch.Tensor:
+    """What the sum adds when the branch factor is all threes, computed here op by op."""
+    ones, other = torch.full((N, D), 3.0), model.other(x)
+    return {
+        "addcmul, the branch first": ones * other, "addcmul, the branch second": other * ones,
+        "addcmul_, in place": other * ones, "addcdiv": ones / model.divisor, "addcdiv_, in place": ones / model.divisor,
+        "addmm, the branch second": model.adjacency @ ones, "addmm, the branch first": ones @ model.other.weight.T,
+        "baddbmm": model.adjacency3 @ ones.expand(2, N, D), "addbmm": (model.adjacency3 @ ones.expand(2, N, D)).sum(0),
+        "addmv": ones @ model.divisor[0],
+    }[model.how]
+
+
+@pytest.mark.parametrize("how", [*HOWS, "addcmul_, in place", "addcdiv_, in place", "addmv"])
+def test_a_branch_that_stays_non_zero_reports_the_product_that_enters_the_sum(how):
+    model, x = CoshProduct(how), torch.randn(N, D)
+    c = check_of(model, x, "norm.weight")
+    assert (c.role, c.result) == ("residual_last", "fail"), c
+    with torch.no_grad():
+        expected = float(_operand_with_ones(model, x).abs().max())
+    assert c.detail == f"its branch stayed non-zero (max |x| = {expected:.3g})"
 
 
 class SkipsAZeroBranch(nn.Module):
@@ -229,6 +271,18 @@ def test_one_value_per_channel_leaves_a_scalar_input_as_it_is():
     checks = gg.verify(Scaled(), (torch.randn(1, 4), torch.tensor(2.0)))
     assert [c.result for c in checks] == ["not_applicable"]
     assert checks[0].detail.endswith("e.g. args[0]: float32[2, 4], args[1]: float32[]")
+
+
+def test_a_norm_modules_output_is_scaled_where_it_is_a_floating_point_tensor():
+    """verify scales a norm module's output by a hook: every floating-point tensor in it, in tuples
+    and lists too; integer tensors and other objects as they are."""
+    from gammaguide.verify import _scale_tensors
+
+    ints = torch.tensor([1, 2])
+    out = _scale_tensors((torch.ones(2), [torch.full((2,), 2.0), ints], "name", None), 3.0)
+    assert isinstance(out, tuple) and isinstance(out[1], list)
+    assert torch.equal(out[0], torch.full((2,), 3.0)) and torch.equal(out[1][0], torch.full((2,), 6.0))
+    assert out[1][1] is ints and out[2:] == ("name", None)
 
 
 def test_the_relative_error_is_the_norm_of_all_differences_over_the_norm_of_all_references():
