@@ -86,6 +86,14 @@ OPS = {
     "attention, queries": lambda m, h, x: _attention(h, m.other(x), m.other(x)),
     "attention, queries and keys": lambda m, h, x: _attention(h, h, m.other(x)),
     "attention, all three": lambda m, h, x: _attention(h, h, h),
+    # A homogeneous op, then one that is not: the check goes on past the first.
+    "times a number, then tanh": lambda m, h, x: torch.tanh(h * 2.0),
+    "relu plus half, then tanh": lambda m, h, x: torch.tanh(F.relu(h) + h * 0.5),
+    "attention, values, then tanh": lambda m, h, x: torch.tanh(_attention(m.other(x), m.other(x), h)),
+    "softmax gate, then tanh": lambda m, h, x: torch.tanh(torch.softmax(h, -1) * m.other(x)),
+    "over a number, in place": lambda m, h, x: (h * 1.0).div_(2.0),
+    "batched matmul with a weight": lambda m, h, x: torch.bmm(h[None], m.fc2.weight.T[None])[0],
+    "cosh of relu plus half": lambda m, h, x: torch.cosh(F.relu(h) + h * 0.5),
 }
 
 
@@ -104,7 +112,7 @@ def relative_change(c: gg.Check) -> float:
 @pytest.mark.parametrize("op", ["relu", "flip", "neg", "times a number", "over a number", "times other features",
                                 "relu times other features", "over other features", "relu plus half", "linear",
                                 "linear of relu plus half", "matmul with itself", "cat, then its own part",
-                                "attention, values"])
+                                "attention, values", "over a number, in place", "batched matmul with a weight"])
 def test_a_homogeneous_op_between_two_norms_passes(op):
     c = check(Between(OPS[op]))
     assert (c.role, c.result) == ("scale_invariant", "pass"), c
@@ -121,6 +129,8 @@ def test_a_homogeneous_op_between_two_norms_passes(op):
     ("plus a number", "add in <model>"),
     ("linear of plus a number", "add in <model>"), ("linear of plus a parameter", "add in <model>"),
     ("attention, all three", "_scaled_dot_product"),  # the γ in queries and keys sets the softmax's temperature
+    ("times a number, then tanh", "tanh in <model>"), ("relu plus half, then tanh", "tanh in <model>"),
+    ("attention, values, then tanh", "tanh in <model>"),
 ])
 def test_an_op_that_is_not_homogeneous_makes_the_doubling_check_not_applicable(op, culprit):
     c = check(Between(OPS[op]))
@@ -165,9 +175,10 @@ def test_a_gamma_mixed_with_other_features_changes_the_next_norm(op):
     assert relative_change(c) > 1e-3
 
 
-def test_a_merged_gamma_behind_a_non_homogeneous_op_is_not_checked():
-    """Gates and sums with other features are allowed on a merged γ's way, but not a tanh of its own."""
-    c = check(Between(OPS["softmax gate of tanh"]))
+@pytest.mark.parametrize("op", ["softmax gate of tanh", "softmax gate, then tanh"])
+def test_a_merged_gamma_behind_a_non_homogeneous_op_is_not_checked(op):
+    """Gates and sums with other features are allowed on a merged γ's way, but not a tanh."""
+    c = check(Between(OPS[op]))
     assert (c.role, c.result) == ("merged", "not_applicable"), c
     assert c.detail == "not positively homogeneous: tanh in <model>"
 
@@ -217,9 +228,11 @@ def test_a_biased_linear_on_the_branch_does_not_map_zero_to_zero():
     assert c.detail == "branch does not map zero to zero: addmm in fc2"
 
 
-def test_an_op_not_known_to_move_zero_that_does_fails():
-    """cosh(0) = 1 and cosh is in no list: the measurement, not the op's name, decides."""
-    c = check(Branch(OPS["cosh"]))
+@pytest.mark.parametrize("op", ["cosh", "cosh of relu plus half"])
+def test_an_op_not_known_to_move_zero_that_does_fails(op):
+    """cosh(0) = 1 and cosh is in no list: the measurement, not the op's name, decides (a sum of two
+    of the γ's own features on the way maps zero to zero)."""
+    c = check(Branch(OPS[op]))
     assert (c.role, c.result) == ("residual_last", "fail"), c
     assert c.detail == "its branch stayed non-zero (max |x| = 1)"
 
