@@ -3,27 +3,21 @@ elements, so moving it must give the set that moving a tensor of its elements gi
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from gammaguide import masks
 from gammaguide.masks import ALL, Part, part
+from gammaguide.verify import _mask_tensor
 
 
 def elements(mask, shape: tuple[int, ...]) -> torch.Tensor:
-    """The mask as a boolean tensor of ``shape``."""
+    """The mask as a boolean tensor of ``shape`` (verify's reading of a part, which it checks with)."""
     if mask is None:
         return torch.zeros(shape, dtype=torch.bool)
     if mask is ALL:
         return torch.ones(shape, dtype=torch.bool)
-    n = math.prod(mask.sizes)
-    flat = torch.tensor([(mask.bits >> k) & 1 for k in range(n)], dtype=torch.bool).reshape(mask.sizes)
-    view = [1] * len(shape)
-    for d, size in zip(mask.dims, mask.sizes, strict=True):
-        view[len(shape) + d] = size
-    return flat.reshape(view).expand(shape)
+    return _mask_tensor(mask, torch.Size(shape))
 
 
 CHANNELS = part((-3,), (4,), 0b0101)  # channels 0 and 2 of a (B, C, H, W) tensor
